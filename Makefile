@@ -1,0 +1,36 @@
+# The two commands: `make demo` and `make test`. Each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-slow clean-demo
+
+$(STAMP): pyproject.toml requirements/cpu-constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+	  echo "GPU machine: installing with the CUDA build of torch"; \
+	  $(PY) -m pip install -e '.[dev]'; \
+	else \
+	  echo "CPU machine: installing with the CPU build of torch (requirements/cpu-constraints.txt)"; \
+	  $(PY) -m pip install -c requirements/cpu-constraints.txt -e '.[dev]'; \
+	  $(PY) -m pip uninstall -y -q torchvision; \
+	fi
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## make demo: corpus -> tokenizer -> shards -> autoencoder (CPU) -> held-out reconstruction -> runs/demo
+demo: install
+	$(PY) tools/demo.py --out runs/demo --data data/demo
+
+## make test: the whole default test suite (slow end-to-end tests: make test-slow)
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-slow: install
+	$(PY) -m pytest -q -p no:cacheprovider -m slow
+
+clean-demo:
+	rm -rf runs/demo data/demo

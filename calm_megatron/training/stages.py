@@ -1,0 +1,110 @@
+"""What differs between the training stages (autoencoder, CALM, baseline): model, metrics, eval, export."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Iterable
+
+import torch
+import torch.distributed as dist
+
+from calm_megatron import config as C
+
+
+def vocab_parallel_argmax(local_logits: torch.Tensor) -> torch.Tensor:
+    """Global argmax over a vocabulary sharded across the tensor-parallel group (last dim local)."""
+    from megatron.core import parallel_state as ps
+
+    local_max, local_idx = local_logits.float().max(dim=-1)
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return local_idx
+    group = ps.get_tensor_model_parallel_group()
+    offset = ps.get_tensor_model_parallel_rank() * local_logits.shape[-1]
+    maxes = [torch.empty_like(local_max) for _ in range(tp)]
+    idxs = [torch.empty_like(local_idx) for _ in range(tp)]
+    dist.all_gather(maxes, local_max.contiguous(), group=group)
+    dist.all_gather(idxs, (local_idx + offset).contiguous(), group=group)
+    best = torch.stack(maxes).argmax(dim=0, keepdim=True)
+    return torch.stack(idxs).gather(0, best).squeeze(0)
+
+
+def _sum_over_dp(values: Dict[str, float]) -> Dict[str, float]:
+    from megatron.core import parallel_state as ps
+
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(tensor, group=ps.get_data_parallel_group())
+    return dict(zip(keys, tensor.tolist()))
+
+
+def pad_id_of(shard_dir: str) -> int:
+    """The PAD id recorded by tools/prepare_data.py in the shard index."""
+    return int(json.loads((Path(shard_dir) / "calm_index.json").read_text())["pad_id"])
+
+
+class AutoencoderStage:
+    """Stage 1: the chunk autoencoder."""
+
+    name = "ae"
+
+    def __init__(self, cfg: C.Config):
+        self.cfg = cfg
+
+    def build(self) -> torch.nn.Module:
+        from calm_megatron.models.autoencoder import build_autoencoder
+
+        return build_autoencoder(self.cfg.autoencoder, precision=self.cfg.train.precision)
+
+    def no_decay(self, name, param) -> bool:
+        from calm_megatron.models.autoencoder import no_weight_decay
+
+        return no_weight_decay(name, param)
+
+    def count_params(self, module) -> Dict[str, int]:
+        from calm_megatron.models.autoencoder import count_parameters
+
+        return {"ae_params": count_parameters(self.cfg.autoencoder)}
+
+    def train_metrics(self, output, tokens: torch.Tensor) -> Dict[str, float]:
+        predicted = vocab_parallel_argmax(output.logits.detach())
+        return {"recon_acc": (predicted == tokens.to(predicted.device)).float().mean().item()}
+
+    @torch.no_grad()
+    def evaluate(self, module, batches: Iterable[torch.Tensor]) -> Dict[str, float]:
+        """Held-out reconstruction: token accuracy over non-PAD tokens, exact match of whole chunks."""
+        K = self.cfg.autoencoder.chunk_size
+        pad = pad_id_of(self.cfg.data.valid) if self.cfg.data.valid else -1
+        was_training = module.training
+        module.eval()
+        sums = {"tokens": 0.0, "tokens_ok": 0.0, "chunks": 0.0, "chunks_ok": 0.0}
+        for tokens in batches:
+            predicted = module.reconstruct(tokens)
+            real = tokens != pad
+            ok = predicted == tokens
+            sums["tokens"] += real.sum().item()
+            sums["tokens_ok"] += (ok & real).sum().item()
+            chunk_real = real.view(*tokens.shape[:-1], -1, K).any(-1)
+            chunk_ok = ok.view(*tokens.shape[:-1], -1, K).all(-1)
+            sums["chunks"] += chunk_real.sum().item()
+            sums["chunks_ok"] += (chunk_ok & chunk_real).sum().item()
+        module.train(was_training)
+        sums = _sum_over_dp(sums)
+        return {"recon_token_acc": sums["tokens_ok"] / max(sums["tokens"], 1.0),
+                "recon_chunk_acc": sums["chunks_ok"] / max(sums["chunks"], 1.0),
+                "eval_tokens": sums["tokens"]}
+
+    def export(self, module, directory: Path) -> None:
+        from calm_megatron.training.checkpoint import save_autoencoder
+
+        save_autoencoder(module, self.cfg, directory)
+
+
+STAGES = {"ae": AutoencoderStage}
+
+
+def stage_for(cfg: C.Config):
+    """The stage adapter for `cfg.run.stage`."""
+    if cfg.run.stage not in STAGES:
+        raise C.ConfigError(f"run.stage={cfg.run.stage!r} is not trainable yet; available: {', '.join(STAGES)}")
+    return STAGES[cfg.run.stage](cfg)

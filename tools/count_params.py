@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Print the parameter count of the model a config describes.
+
+    tools/count_params.py CONFIG [section.key=value ...]
+
+Prints ``key=value`` lines, ``params_total=N`` first. Each stage plugs in a counter in
+``COUNTERS`` (stage -> function(cfg) -> {key: count}); the model is built on the meta device, so
+no weights are allocated.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Callable, Dict
+
+import torch
+
+from calm_megatron.config import Config, load
+
+
+def _one_rank_megatron_group() -> None:
+    """A 1-rank gloo group with Megatron-Core parallel state (its layers need one to be built)."""
+    import torch.distributed as dist
+    from calm_megatron import distributed
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(key, None)
+    distributed.init(tp=1, pp=1, init_deepspeed=False)
+
+
+def _numel(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_autoencoder(cfg: Config) -> Dict[str, int]:
+    """Stage ae: the chunk autoencoder, built on the meta device."""
+    from calm_megatron.models.autoencoder import build_autoencoder
+
+    _one_rank_megatron_group()
+    with torch.device("meta"):
+        model = build_autoencoder(cfg.autoencoder, perform_initialization=False)
+    return {"params_total": _numel(model)}
+
+
+COUNTERS: Dict[str, Callable[[Config], Dict[str, int]]] = {
+    "ae": count_autoencoder,
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    cfg = load(argv[0], argv[1:])
+    counter = COUNTERS.get(cfg.run.stage)
+    if counter is None:
+        print(f"no parameter counter for run.stage={cfg.run.stage!r} (known: {', '.join(COUNTERS)})",
+              file=sys.stderr)
+        return 2
+    for key, value in counter(cfg).items():
+        print(f"{key}={value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
