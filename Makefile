@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow clean-demo
+.PHONY: install demo test test-slow clean-demo services
 
 $(STAMP): pyproject.toml requirements/cpu-constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +26,22 @@ demo: install
 	$(PY) tools/demo.py --out runs/demo --data data/demo
 
 ## make test: the whole default test suite (slow end-to-end tests: make test-slow)
-test: install
+test: install services
 	$(PY) -m pytest -q -p no:cacheprovider
 
-test-slow: install
+test-slow: install services
 	$(PY) -m pytest -q -p no:cacheprovider -m slow
+
+## make services: the Debian packages the Slurm tests start (slurmctld, slurmd, munge), installed once
+## (as root, or through sudo); CALM_SKIP_SLURM=1 skips them and the Slurm tests
+services:
+	@if [ "$$CALM_SKIP_SLURM" = 1 ]; then echo "CALM_SKIP_SLURM=1: not installing Slurm"; \
+	elif ! command -v slurmctld >/dev/null 2>&1 && [ ! -x /usr/sbin/slurmctld ]; then \
+	  sudo=; [ "$$(id -u)" = 0 ] || sudo="sudo -n"; \
+	  echo "installing slurmctld slurmd munge (Debian packages) for the Slurm tests"; \
+	  $$sudo apt-get update -q && \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurmctld slurmd munge; \
+	fi
 
 clean-demo:
 	rm -rf runs/demo data/demo

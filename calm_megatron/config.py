@@ -100,8 +100,9 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16
     log_interval: int = 10
     eval_interval: int = 0  # 0: only at the end
-    eval_batches: int = 8
+    eval_batches: int = 8  # held-out batches per rank at each eval; 0: the whole held-out set
     progress_bar: bool = True
+    exit_after_minutes: float = 0.0  # wall-time budget: save and exit with the requeue code; 0: none
 
 
 @dataclass
@@ -137,9 +138,9 @@ class CheckpointConfig:
     """Where checkpoints go and which one is loaded."""
     save: str = ""  # defaults to <out_dir>/checkpoints
     interval: int = 0  # steps between checkpoints; 0: only the final one
-    load: str = ""  # a specific step directory to load
-    finetune: bool = False  # load weights only
-    keep_last: int = 3
+    load: str = ""  # a specific step (or run) to load instead of <save>/latest
+    finetune: bool = False  # with load: weights only, start at step 0 with fresh optimizer and data
+    keep_last: int = 3  # complete steps kept on disk (older ones pruned after a new one is complete)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import List, Optional
 from calm_megatron import config as C
 
 EXIT_CONFIG_ERROR = 2
+from calm_megatron.training.preemption import EXIT_REQUEUE  # noqa: E402  (75: saved, requeue me)
 
 EPILOG = """examples:
   python -m calm_megatron.train configs/ae/tiny.yaml train.steps=100
@@ -21,6 +22,9 @@ EPILOG = """examples:
 
 Every key of the config can be overridden as section.key=value; unknown keys are errors that list
 the valid ones. The resolved config is printed and saved to <out_dir>/config.yaml.
+Exit codes: 0 finished, 2 bad config (nothing started), 75 stopped by SIGTERM/SIGUSR1 or
+train.exit_after_minutes after saving a checkpoint (run the same command again to resume).
+A run resumes automatically from <checkpoint.save>/latest (default runs/<name>/checkpoints).
 W&B: offline by default (runs/<name>/wandb); set WANDB_MODE=online and WANDB_API_KEY to upload,
 WANDB_MODE=disabled to turn it off."""
 
@@ -62,13 +66,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.check:
         return 0
     layout = distributed.init(cfg.parallel.tp, cfg.parallel.pp, cfg.run.seed)
-    try:
-        from calm_megatron.training.trainer import Trainer
+    from calm_megatron.training.checkpoint import CheckpointError
+    from calm_megatron.training.trainer import Trainer
 
-        Trainer(cfg, layout).fit()
+    try:
+        summary = Trainer(cfg, layout).fit()
+    except CheckpointError as err:
+        print(f"error (rank {layout.rank}): {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     finally:
         distributed.teardown()
-    return 0
+    return EXIT_REQUEUE if summary.get("preempted") else 0
 
 
 if __name__ == "__main__":

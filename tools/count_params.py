@@ -49,8 +49,32 @@ def count_autoencoder(cfg: Config) -> Dict[str, int]:
     return {"params_total": _numel(model)}
 
 
+def count_calm(cfg: Config) -> Dict[str, int]:
+    """Stage calm: the CALM with its frozen autoencoder, built on the meta device."""
+    from calm_megatron.models.autoencoder import build_autoencoder
+    from calm_megatron.models.calm import build_calm
+
+    _one_rank_megatron_group()
+    with torch.device("meta"):
+        autoencoder = build_autoencoder(cfg.autoencoder, perform_initialization=False)
+        model = build_calm(cfg.model, autoencoder, perform_initialization=False)
+    return {"params_total": _numel(model), "params_excluding_autoencoder": _numel(model) - _numel(autoencoder)}
+
+
+def count_ar(cfg: Config) -> Dict[str, int]:
+    """Stage ar: the autoregressive baseline, built on the meta device."""
+    from calm_megatron.models.ar import build_ar
+
+    _one_rank_megatron_group()
+    with torch.device("meta"):
+        model = build_ar(cfg.model, perform_initialization=False)
+    return {"params_total": _numel(model)}
+
+
 COUNTERS: Dict[str, Callable[[Config], Dict[str, int]]] = {
     "ae": count_autoencoder,
+    "calm": count_calm,
+    "ar": count_ar,
 }
 
 

@@ -11,17 +11,20 @@ Layout: Megatron's ``[seq, batch, hidden]`` throughout the backbone.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.tensor_parallel import VocabParallelEmbedding
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -68,12 +71,14 @@ def params_dtype(precision: str) -> torch.dtype:
 
 def transformer_config(cfg: ModelConfig, precision: str = "fp32", tp: Optional[int] = None,
                        pp: Optional[int] = None, sequence_parallel: bool = False, recompute: str = "none",
-                       use_cpu_initialization: Optional[bool] = None) -> TransformerConfig:
+                       use_cpu_initialization: Optional[bool] = None,
+                       perform_initialization: bool = True) -> TransformerConfig:
     """The Megatron-Core ``TransformerConfig`` of the backbone described by ``cfg``.
 
     tp/pp default to the initialised parallel state (1 without one). Every linear, output layers
     included, is initialised N(0, init_std) as HF Llama does (Megatron would scale output layers).
     ``recompute`` is ParallelConfig.recompute: none | selective (core attention) | full (every layer).
+    ``perform_initialization=False`` skips the weight draws (building on the meta device to count).
     """
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute={recompute!r} is not one of {', '.join(RECOMPUTE)}")
@@ -119,25 +124,52 @@ def transformer_config(cfg: ModelConfig, precision: str = "fp32", tp: Optional[i
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=perform_initialization,
         **recompute_kwargs,
     )
+
+
+class _TPSyncedNorm:
+    """Mixin: the affine parameters enter through ``copy_to_tensor_model_parallel_region``.
+
+    Under sequence parallelism each TP rank normalises its own slice of the sequence, so the
+    weight (and bias) gradients are partial sums; the copy's backward all-reduces them over the TP
+    group inside autograd, so every rank holds the full gradient when backward ends.
+    """
+
+    def _synced(self, param):
+        return None if param is None else tensor_parallel.copy_to_tensor_model_parallel_region(param)
+
+
+class TPSyncedRMSNorm(_TPSyncedNorm, torch.nn.RMSNorm):
+    """torch RMSNorm for sequence-parallel inputs (see :class:`_TPSyncedNorm`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self._synced(self.weight), self.eps)
+
+
+class TPSyncedLayerNorm(_TPSyncedNorm, torch.nn.LayerNorm):
+    """torch LayerNorm for sequence-parallel inputs (see :class:`_TPSyncedNorm`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self._synced(self.weight), self._synced(self.bias), self.eps)
 
 
 class TorchNorm:
     """torch RMSNorm/LayerNorm with Megatron's norm-builder signature, sequence-parallel aware.
 
-    Megatron's ``WrappedTorchNorm`` refuses sequence parallelism. This one allows it and marks the
-    weight (and bias) with ``sequence_parallel=True`` as Megatron's fused norms do: their gradients
-    are partial sums over the sequence shards and must be all-reduced over the TP group
-    (:func:`allreduce_sequence_parallel_grads`).
+    Megatron's ``WrappedTorchNorm`` refuses sequence parallelism; with it on, this builds the
+    TP-synced variants, whose parameter gradients are complete on every rank after backward
+    (the state-dict keys are the same either way).
     """
 
     def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
-        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
-        norm = norm_cls(hidden_size, eps=eps, dtype=config.params_dtype)
-        for param in norm.parameters():
-            setattr(param, "sequence_parallel", config.sequence_parallel)
-        return norm
+        rms = config.normalization == "RMSNorm"
+        if config.sequence_parallel:
+            norm_cls = TPSyncedRMSNorm if rms else TPSyncedLayerNorm
+        else:
+            norm_cls = torch.nn.RMSNorm if rms else torch.nn.LayerNorm
+        return norm_cls(hidden_size, eps=eps, dtype=config.params_dtype)
 
 
 class SDPAttention(MegatronModule):
@@ -211,10 +243,9 @@ def _final_norm_spec(use_transformer_engine: bool):
 class Backbone(MegatronModule):
     """RoPE + the Transformer block (+ final RMSNorm on the last pipeline stage).
 
-    ``forward(hidden [s, b, d], position_offset=0) -> [s, b, d]``. RoPE positions are
-    ``position_offset + arange(s)`` (the full sequence length under sequence parallelism). On a
-    stage that is not the first, the input comes from :meth:`set_input_tensor`, as Megatron's
-    pipeline schedules expect.
+    ``forward(hidden [s, b, d]) -> [s, b, d]``; RoPE positions are ``position_offset + arange(s)``.
+    On a stage that is not the first, the input comes from :meth:`set_input_tensor`, as Megatron's
+    pipeline schedules expect. Sequence parallelism is handled inside (see :meth:`forward`).
     """
 
     def __init__(self, config: TransformerConfig, rope_theta: float, pre_process: bool = True,
@@ -243,15 +274,37 @@ class Backbone(MegatronModule):
             input_tensor = input_tensor[0]
         self.decoder.set_input_tensor(input_tensor)
 
-    def forward(self, hidden_states: Optional[torch.Tensor], position_offset: int = 0) -> torch.Tensor:
-        """Run the layers on ``[s, b, d]`` inputs (ignored off the first pipeline stage)."""
-        source = hidden_states if self.decoder.input_tensor is None or self.pre_process \
-            else self.decoder.input_tensor
-        seq_len = source.size(0)
-        if self.config.sequence_parallel:
-            seq_len *= self.config.tensor_model_parallel_size
-        rotary = self.rotary_pos_emb(seq_len, offset=position_offset)
-        return self.decoder(hidden_states, attention_mask=None, rotary_pos_emb=rotary)
+    def padded_length(self, seq_len: int) -> int:
+        """The sequence length the layers run on: under sequence parallelism a multiple of TP."""
+        if not self.config.sequence_parallel:
+            return seq_len
+        tp = self.config.tensor_model_parallel_size
+        return -(-seq_len // tp) * tp
+
+    def forward(self, hidden_states: Optional[torch.Tensor], seq_len: Optional[int] = None,
+                position_offset: int = 0) -> torch.Tensor:
+        """Run the layers: ``[s, b, d]`` in on the first stage, ``[s, b, d]`` out on the last.
+
+        ``seq_len`` (default: the input's length) is s. Under sequence parallelism the first stage
+        zero-pads the sequence to a multiple of TP and scatters it (causal attention keeps the
+        padding from touching real positions), and the last stage gathers it and drops the
+        padding; between stages tensors are ``[padded s / tp, b, d]``.
+        """
+        if seq_len is None:
+            seq_len = hidden_states.size(0)
+        padded = self.padded_length(seq_len)
+        sequence_parallel = self.config.sequence_parallel
+        if self.pre_process and sequence_parallel:
+            hidden_states = F.pad(hidden_states, (0, 0, 0, 0, 0, padded - seq_len))
+            hidden_states = tensor_parallel.scatter_to_sequence_parallel_region(hidden_states)
+        rotary = self.rotary_pos_emb(padded, offset=position_offset)
+        out = self.decoder(hidden_states, attention_mask=None, rotary_pos_emb=rotary)
+        if self.post_process and sequence_parallel:
+            # What follows (head, LM head) is TP-replicated and its column-parallel linears already
+            # sum the input gradient over TP ranks: the backward of this gather only splits.
+            out = tensor_parallel.gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
+            out = out[:seq_len]
+        return out
 
 
 def build_backbone(config: TransformerConfig, rope_theta: float, pre_process: Optional[bool] = None,
@@ -264,6 +317,33 @@ def build_backbone(config: TransformerConfig, rope_theta: float, pre_process: Op
     return Backbone(config, rope_theta, pre_process=pre_process, post_process=post_process)
 
 
+def without_sequence_parallel(config: ModelParallelConfig) -> ModelParallelConfig:
+    """A copy of ``config`` with sequence parallelism off, for layers that see whole sequences."""
+    plain = copy.copy(config)
+    plain.sequence_parallel = False
+    return plain
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """The vocabulary rounded up to a multiple of the TP size (Megatron splits it evenly)."""
+    return -(-vocab_size // tp) * tp
+
+
+def vocab_embedding(vocab_size: int, hidden_size: int, config: ModelParallelConfig,
+                    init_std: float) -> VocabParallelEmbedding:
+    """A vocab-parallel token embedding, N(0, init_std) on real rows and zero on the TP padding.
+
+    With CPU initialisation the full (padded) table is drawn on every rank, so the real rows are
+    the same at every TP size; padding rows are never looked up.
+    """
+    def init(weight: torch.Tensor) -> None:
+        torch.nn.init.normal_(weight[:vocab_size], mean=0.0, std=init_std)
+        torch.nn.init.zeros_(weight[vocab_size:])
+
+    padded = padded_vocab_size(vocab_size, config.tensor_model_parallel_size)
+    return VocabParallelEmbedding(padded, hidden_size, init_method=init, config=without_sequence_parallel(config))
+
+
 def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     """True for parameters HF's Trainer exempts from weight decay: biases and norm weights.
 
@@ -274,10 +354,12 @@ def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
 
 
 def allreduce_sequence_parallel_grads(module: torch.nn.Module) -> None:
-    """All-reduce, over the TP group, the grads of parameters marked ``sequence_parallel``.
+    """All-reduce over the TP group the grads of parameters marked ``sequence_parallel``.
 
-    Needed after backward when sequence parallelism is on (norm weights see only their sequence
-    shard). A no-op at TP=1 or without sequence parallelism.
+    Only Transformer Engine's norms carry that mark (Megatron reduces them in its own
+    ``finalize_model_grads``, which DeepSpeed does not run): call this after backward when TE and
+    sequence parallelism are both on. The local spec's norms sync inside autograd, so this is a
+    no-op there, and at TP=1.
     """
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
         return

@@ -11,24 +11,6 @@ import torch.distributed as dist
 from calm_megatron import config as C
 
 
-def vocab_parallel_argmax(local_logits: torch.Tensor) -> torch.Tensor:
-    """Global argmax over a vocabulary sharded across the tensor-parallel group (last dim local)."""
-    from megatron.core import parallel_state as ps
-
-    local_max, local_idx = local_logits.float().max(dim=-1)
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return local_idx
-    group = ps.get_tensor_model_parallel_group()
-    offset = ps.get_tensor_model_parallel_rank() * local_logits.shape[-1]
-    maxes = [torch.empty_like(local_max) for _ in range(tp)]
-    idxs = [torch.empty_like(local_idx) for _ in range(tp)]
-    dist.all_gather(maxes, local_max.contiguous(), group=group)
-    dist.all_gather(idxs, (local_idx + offset).contiguous(), group=group)
-    best = torch.stack(maxes).argmax(dim=0, keepdim=True)
-    return torch.stack(idxs).gather(0, best).squeeze(0)
-
-
 def _sum_over_dp(values: Dict[str, float]) -> Dict[str, float]:
     from megatron.core import parallel_state as ps
 
@@ -66,8 +48,8 @@ class AutoencoderStage:
 
         return {"ae_params": count_parameters(self.cfg.autoencoder)}
 
-    def train_metrics(self, output, tokens: torch.Tensor) -> Dict[str, float]:
-        predicted = vocab_parallel_argmax(output.logits.detach())
+    def train_metrics(self, module, output, tokens: torch.Tensor) -> Dict[str, float]:
+        predicted = module.predict(output.logits.detach())
         return {"recon_acc": (predicted == tokens.to(predicted.device)).float().mean().item()}
 
     @torch.no_grad()

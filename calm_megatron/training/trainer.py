@@ -1,8 +1,9 @@
-"""The training run: model on this rank, DeepSpeed engine, streaming batches, eval, checkpoint, summary."""
+"""The training run: model on this rank, DeepSpeed engine, streaming batches, eval, checkpoints, resume."""
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Dict, Iterator, Optional
 
@@ -11,21 +12,36 @@ import torch
 from calm_megatron import config as C
 from calm_megatron import distributed
 from calm_megatron.training import checkpoint, engine as engine_lib, monitor as monitor_lib
+from calm_megatron.training.preemption import StopRequest
 from calm_megatron.training.stages import stage_for
 
 log = logging.getLogger("calm_megatron")
 
 
-def train_batches(cfg: C.Config, layout: distributed.Layout) -> Iterator[torch.Tensor]:
-    """Micro-batches of token ids for this rank (tensor-parallel peers read identical samples)."""
-    from calm_megatron.data.loader import build_train_loader
+class TrainData:
+    """This rank's micro-batches from the streaming loader, with its resumable state."""
 
-    loader = build_train_loader(cfg.data.train, batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed,
-                                dp_rank=layout.dp_rank, dp_size=layout.dp, replication=layout.tp,
-                                shuffle=cfg.data.shuffle, download_retry=cfg.data.download_retry,
-                                timeout_s=cfg.data.timeout_s, num_workers=cfg.data.num_workers)
-    for batch in loader:
-        yield batch["tokens"].to(distributed.device())
+    def __init__(self, cfg: C.Config, layout: distributed.Layout):
+        from calm_megatron.data.loader import build_train_loader
+
+        self.loader = build_train_loader(cfg.data.train, batch_size=cfg.train.micro_batch_size,
+                                         seed=cfg.run.seed, dp_rank=layout.dp_rank, dp_size=layout.dp,
+                                         replication=layout.tp, shuffle=cfg.data.shuffle,
+                                         download_retry=cfg.data.download_retry, timeout_s=cfg.data.timeout_s,
+                                         num_workers=cfg.data.num_workers)
+        self._iter: Optional[Iterator] = None
+
+    def __next__(self) -> torch.Tensor:
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        return next(self._iter)["tokens"].to(distributed.device())
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+        self._iter = None
 
 
 def eval_batches(cfg: C.Config, layout: distributed.Layout) -> Iterator[torch.Tensor]:
@@ -37,11 +53,35 @@ def eval_batches(cfg: C.Config, layout: distributed.Layout) -> Iterator[torch.Te
         yield batch["tokens"].to(distributed.device())
 
 
+def _fault_injection_after_step(step: int, rank: int) -> None:
+    """Test hooks (never set in real runs): deliver a real signal or a kill -9 after a given step.
+
+    CALM_TEST_SIGNAL_AT_STEP=N sends SIGUSR1 to rank CALM_TEST_FAULT_RANK (default 0) after step N;
+    CALM_TEST_KILL_AT_STEP=N kills that rank with SIGKILL after step N on the first torchrun attempt.
+    """
+    import signal
+
+    if rank != int(os.environ.get("CALM_TEST_FAULT_RANK", "0")):
+        return
+    if os.environ.get("CALM_TEST_SIGNAL_AT_STEP") == str(step):
+        os.kill(os.getpid(), signal.SIGUSR1)
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if os.environ.get("CALM_TEST_KILL_AT_STEP") == str(step) and first_attempt:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _crash_hook(step: int):
+    """Test hook: CALM_TEST_CRASH_IN_SAVE=N kills this process in the middle of saving step N."""
+    target = os.environ.get("CALM_TEST_CRASH_IN_SAVE")
+    if not target or int(target) != step:
+        return None
+    return lambda directory: os._exit(13)
+
+
 class Trainer:
     """Owns one run of one stage on this rank."""
 
-    def __init__(self, cfg: C.Config, layout: distributed.Layout,
-                 batches: Optional[Iterator[torch.Tensor]] = None):
+    def __init__(self, cfg: C.Config, layout: distributed.Layout, batches=None):
         self.cfg, self.layout = cfg, layout
         self.stage = stage_for(cfg)
         model = self.stage.build().to(distributed.device())
@@ -50,47 +90,101 @@ class Trainer:
                  cfg.train.precision, ", ".join(f"{k}={v:,}" for k, v in self.params.items()))
         self.engine = engine_lib.create_engine(model, cfg, layout.dp, self.stage.no_decay)
         self.accum_steps = C.grad_accum_steps(cfg, layout.dp)
-        self.batches = batches if batches is not None else train_batches(cfg, layout)
+        self.batches = batches if batches is not None else TrainData(cfg, layout)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+        self.step = 0
+        self.losses: Dict[int, float] = {}
+        self._resume()
         log.info("memory after engine init: %s", monitor_lib.memory_summary())
+
+    def _resume(self) -> None:
+        cfg = self.cfg
+        if cfg.checkpoint.load:
+            directory = checkpoint.resolve_step(cfg.checkpoint.load)
+        else:
+            directory = checkpoint.find_resume_step(cfg.save_dir)
+        if directory is None:
+            return
+        weights_only = bool(cfg.checkpoint.load) and cfg.checkpoint.finetune
+        state = checkpoint.load(directory, self.engine, cfg, self.layout, weights_only=weights_only)
+        if weights_only:
+            log.info("fine-tuning from the weights of %s (optimizer, schedule and data start fresh)", directory)
+            return
+        self.step = state["step"]
+        self.losses = {int(k): v for k, v in state.get("losses", {}).items()}
+        if state.get("loader") is not None and hasattr(self.batches, "load_state_dict"):
+            self.batches.load_state_dict(state["loader"])
+        log.info("resumed from %s at step %d", directory, self.step)
 
     def forward(self, engine, tokens):
         return engine(tokens)
 
     def train_step(self) -> engine_lib.StepResult:
+        module = self.engine.module
         return engine_lib.train_step(self.engine, self.batches, self.accum_steps, self.forward,
-                                     self.stage.train_metrics)
+                                     lambda output, tokens: self.stage.train_metrics(module, output, tokens))
 
     def evaluate(self) -> Dict[str, float]:
         if not self.cfg.data.valid:
             return {}
         return self.stage.evaluate(self.engine.module, eval_batches(self.cfg, self.layout))
 
+    def trainer_state(self) -> dict:
+        loader = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
+        return {"step": self.step, "tokens_seen": self.step * self.tokens_per_step,
+                "lr_scheduler": self.engine.lr_scheduler.state_dict(), "loader": loader,
+                "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp},
+                "losses": self.losses}
+
+    def save(self) -> Path:
+        return checkpoint.save(self.trainer_state(), self.engine, self.cfg, self.layout, self.stage.export,
+                               fault_hook=_crash_hook(self.step))
+
     def fit(self) -> Dict[str, float]:
-        """Train `train.steps` optimizer steps with periodic eval; save the final checkpoint."""
+        """Train to `train.steps` (from the resumed step) with periodic eval and checkpoints.
+
+        Returns the run summary; `summary["preempted"]` is set when a signal or the time budget
+        stopped the run after saving.
+        """
         cfg = self.cfg
-        monitor = monitor_lib.Monitor(cfg, self.layout.rank, self.tokens_per_step)
-        last_eval: Dict[str, float] = {}
-        result = None
-        for step in range(1, cfg.train.steps + 1):
-            result = self.train_step()
-            monitor.step(step, {"loss": result.loss, **result.metrics, "lr": result.lr,
-                                "grad_norm": result.grad_norm})
-            if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step != cfg.train.steps:
-                monitor.event(step, self.evaluate(), "eval")
-            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step != cfg.train.steps:
-                checkpoint.save(self.engine, cfg, step, self.stage.export)
+        monitor = monitor_lib.Monitor(cfg, self.layout.rank, self.tokens_per_step, start_step=self.step)
+        stop = StopRequest(cfg.train.exit_after_minutes)
+        try:
+            while self.step < cfg.train.steps:
+                result = self.train_step()
+                self.step += 1
+                self.losses[self.step] = result.loss
+                _fault_injection_after_step(self.step, self.layout.rank)
+                monitor.step(self.step, {"loss": result.loss, **result.metrics, "lr": result.lr,
+                                         "grad_norm": result.grad_norm})
+                if self.step == cfg.train.steps:
+                    break
+                if stop.agreed():
+                    self.save()
+                    monitor.close()
+                    return {"preempted": True, "step": self.step}
+                if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
+                    monitor.event(self.step, self.evaluate(), "eval")
+                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                    self.save()
+        finally:
+            stop.restore()
+        return self._finish(monitor)
+
+    def _finish(self, monitor) -> Dict[str, float]:
+        cfg = self.cfg
         last_eval = self.evaluate()
-        monitor.event(cfg.train.steps, last_eval, "eval")
-        saved = checkpoint.save(self.engine, cfg, cfg.train.steps, self.stage.export)
+        monitor.event(self.step, last_eval, "eval")
+        saved = self.save()
         log.info("checkpoint: %s | memory: %s", saved, monitor_lib.memory_summary())
-        summary = {"stage": cfg.run.stage, "steps": cfg.train.steps, "final_loss": result.loss,
-                   "tokens_seen": cfg.train.steps * self.tokens_per_step,
+        summary = {"stage": cfg.run.stage, "steps": self.step, "final_loss": self.losses.get(self.step),
+                   "tokens_seen": self.step * self.tokens_per_step,
                    "train_wall_seconds": round(monitor.elapsed(), 2), "checkpoint": str(saved),
-                   **self.params, **last_eval}
+                   "preempted": False, **self.params, **last_eval}
         monitor.close()
         if self.layout.rank == 0:
             out = Path(cfg.out_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+            (out / "losses.json").write_text(json.dumps(self.losses))
         return summary

@@ -1,0 +1,198 @@
+"""CALM's energy-based generative head (calm-spec 2.4) and the energy loss (calm-spec 2.5).
+
+The head is the reference ``MLPGenerator``, built from Megatron tensor-parallel linears in
+column -> row pairs (norms replicated), so its math is the same at every TP size:
+
+    eps ~ U(-0.5, 0.5)^noise_size
+    e = LN(W_n eps),  c = LN(W_h h)                      (c is shared by every block)
+    block:  u = SiLU(Lin_{d->d}(SiLU(Lin_{2d->d}([LN(e); c]))))
+            g, v = Lin_{d->2d}(u).split(d);  e <- e + Lin_{d->d}(SiLU(g) * v)
+    z = Lin_{d->l}(SiLU(Lin_{d->d}(LN(e))))               (last Linear: weight and bias start at 0)
+
+The reference's Lin_{d->2d} is held as two column-parallel d->d linears (``gate``: its first d
+outputs, ``value``: the last d), so that a TP shard holds matching gate and value columns; the
+function and the parameter count are unchanged. All linears have biases; LayerNorm eps is 1e-6.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.utils import init_method_normal
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from calm_megatron.config import ModelConfig
+from calm_megatron.models.backbone import without_sequence_parallel
+
+HEAD_NORM_EPS = 1e-6
+# Elements of the largest [N, M, positions, l] difference tensor the loss builds at once (fp32).
+LOSS_CHUNK_ELEMENTS = 1 << 25
+
+
+class _Linears:
+    """Builders of the head's TP linears with the config's init (N(0, init_std), zero bias)."""
+
+    def __init__(self, config: ModelParallelConfig, init_std: float):
+        self.config, self.init = config, init_method_normal(init_std)
+
+    def column(self, n_in: int, n_out: int, gather_output: bool = False) -> ColumnParallelLinear:
+        return ColumnParallelLinear(n_in, n_out, config=self.config, init_method=self.init, bias=True,
+                                    gather_output=gather_output)
+
+    def row(self, n_in: int, n_out: int, init=None) -> RowParallelLinear:
+        return RowParallelLinear(n_in, n_out, config=self.config, init_method=init or self.init, bias=True,
+                                 input_is_parallel=True, skip_bias_add=False)
+
+    def norm(self, size: int) -> nn.LayerNorm:
+        return nn.LayerNorm(size, eps=HEAD_NORM_EPS, dtype=self.config.params_dtype)
+
+
+class EnergyBlock(nn.Module):
+    """One residual block: fuse [LN(e); c] through two linears, then a SwiGLU update of e."""
+
+    def __init__(self, d: int, linears: _Linears):
+        super().__init__()
+        self.norm = linears.norm(d)
+        self.fuse_in = linears.column(2 * d, d)  # Lin_{2d->d}, output split over TP
+        self.fuse_out = linears.row(d, d)  # Lin_{d->d}, all-reduced
+        self.gate = linears.column(d, d)  # Lin_{d->2d}[:d]
+        self.value = linears.column(d, d)  # Lin_{d->2d}[d:]
+        self.out = linears.row(d, d)  # Lin_{d->d}
+
+    def forward(self, e: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        u = F.silu(self.fuse_in(torch.cat([self.norm(e), c], dim=-1))[0])
+        u = F.silu(self.fuse_out(u)[0])
+        return e + self.out(F.silu(self.gate(u)[0]) * self.value(u)[0])[0]
+
+
+class EnergyHead(nn.Module):
+    """The generator z = G(h, eps): maps a backbone state and uniform noise to one latent sample."""
+
+    def __init__(self, cfg: ModelConfig, config: ModelParallelConfig):
+        super().__init__()
+        d, self.noise_size, self.latent_size = cfg.hidden_size, cfg.noise_size, cfg.latent_size
+        linears = _Linears(without_sequence_parallel(config), cfg.init_std)  # the head sees whole sequences
+        self.noise_proj = linears.column(cfg.noise_size, d, gather_output=True)  # W_n
+        self.noise_norm = linears.norm(d)
+        self.hidden_proj = linears.column(d, d, gather_output=True)  # W_h
+        self.hidden_norm = linears.norm(d)
+        self.blocks = nn.ModuleList(EnergyBlock(d, linears) for _ in range(cfg.head_blocks))
+        self.final_norm = linears.norm(d)
+        self.final_fc1 = linears.column(d, d)
+        self.final_fc2 = linears.row(d, cfg.latent_size, init=nn.init.zeros_)  # zero-initialised
+
+    def condition(self, h: torch.Tensor) -> torch.Tensor:
+        """c = LN(W_h h), computed once per position and shared by all its samples."""
+        return self.hidden_norm(self.hidden_proj(h)[0])
+
+    def draw_noise(self, shape, device, dtype, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """eps ~ U(-0.5, 0.5) of shape ``[*shape, noise_size]``."""
+        return torch.rand(*shape, self.noise_size, device=device, dtype=dtype, generator=generator) - 0.5
+
+    def generate(self, c: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Latents ``[..., l]`` from conditions ``c [..., d]`` and noise ``[..., noise_size]`` (same leading dims)."""
+        lead = noise.shape[:-1]
+        c = c.expand(*lead, c.size(-1)).reshape(-1, c.size(-1))  # Megatron linears want 2-D rows
+        e = self.noise_norm(self.noise_proj(noise.reshape(-1, noise.size(-1)).to(c.dtype))[0])
+        for block in self.blocks:
+            e = block(e, c)
+        z = self.final_fc2(F.silu(self.final_fc1(self.final_norm(e))[0]))[0]
+        return z.view(*lead, self.latent_size)
+
+    def forward(self, h: torch.Tensor, num_samples: int, noise: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``num_samples`` latents per position: h ``[..., d]`` -> ``[num_samples, ..., l]``.
+
+        Each sample gets its own noise (``noise`` ``[num_samples, ..., noise_size]`` when given, else
+        fresh from ``generator``/the default generator, which every TP rank must share).
+        """
+        if noise is None:
+            noise = self.draw_noise((num_samples, *h.shape[:-1]), h.device, h.dtype, generator)
+        elif noise.shape != (num_samples, *h.shape[:-1], self.noise_size):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected "
+                             f"{(num_samples, *h.shape[:-1], self.noise_size)}")
+        return self.generate(self.condition(h).unsqueeze(0), noise)
+
+
+def count_head_parameters(cfg: ModelConfig) -> int:
+    """Closed-form parameter count of the energy head."""
+    d, noise, latent = cfg.hidden_size, cfg.noise_size, cfg.latent_size
+    inputs = (noise * d + d) + (d * d + d) + 2 * (2 * d)  # W_n, W_h and their LayerNorms
+    block = 2 * d + (2 * d * d + d) + (d * d + d) + (2 * d * d + 2 * d) + (d * d + d)
+    final = 2 * d + (d * d + d) + (d * latent + latent)
+    return inputs + cfg.head_blocks * block + final
+
+
+# --------------------------------------------------------------------------- energy loss
+
+def _norm_pow(diff: torch.Tensor, alpha: float) -> torch.Tensor:
+    """||diff||^alpha over the last dim, with a zero (not NaN) gradient where diff == 0.
+
+    Computed as (sum diff^2)^(alpha/2) with the zero entries routed around the power, so neither
+    the sqrt nor x^(alpha-1) is evaluated at 0 (at init all samples coincide).
+    """
+    squared = diff.pow(2).sum(-1)
+    positive = squared > 0
+    safe = torch.where(positive, squared, torch.ones_like(squared))
+    return torch.where(positive, safe.pow(alpha / 2), torch.zeros_like(squared))
+
+
+def _energy_terms(samples: torch.Tensor, targets: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-position loss of samples ``[N, c, l]`` against targets ``[M, c, l]`` -> ``[c]``."""
+    n = samples.size(0)
+    to_targets = _norm_pow(samples.unsqueeze(1) - targets.unsqueeze(0), alpha)  # [N, M, c]
+    between = _norm_pow(samples.unsqueeze(1) - samples.unsqueeze(0), alpha)  # [N, N, c], 0 on diagonal
+    return 2.0 * to_targets.mean(dim=(0, 1)) - between.sum(dim=(0, 1)) / (n * (n - 1))
+
+
+def draw_targets(mu: torch.Tensor, log_sigma: Optional[torch.Tensor], num_targets: int,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``num_targets`` posterior draws z ~ N(mu, exp(log_sigma)^2): ``[M, P, l]`` in fp32."""
+    mu = mu.float()
+    if log_sigma is None:  # a deterministic autoencoder: every target is mu
+        return mu.unsqueeze(0).expand(num_targets, *mu.shape)
+    eps = torch.randn(num_targets, *mu.shape, device=mu.device, dtype=torch.float32, generator=generator)
+    return mu + log_sigma.float().exp() * eps
+
+
+def energy_loss(samples: torch.Tensor, mu: torch.Tensor, log_sigma: Optional[torch.Tensor],
+                num_targets: int, alpha: float = 1.0, generator: Optional[torch.Generator] = None,
+                targets: Optional[torch.Tensor] = None,
+                chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> torch.Tensor:
+    """The energy-score loss per position (calm-spec 2.5), in fp32: samples ``[N, P, l]`` -> ``[P]``.
+
+    L_i = 2/(N M) sum_{n,m} ||z_m - z~_n||^a - 1/(N(N-1)) sum_{n!=k} ||z~_n - z~_k||^a, with targets
+    z_m ~ N(mu_i, sigma_i^2) drawn fresh (or ``targets`` ``[M, P, l]``). Positions are processed in
+    chunks of about ``chunk_elements`` difference entries; under autograd each chunk is recomputed in
+    backward, so memory stays at one chunk however long the context is. ``log_sigma=None`` means a
+    deterministic autoencoder (every target is mu).
+    """
+    n, positions, latent = samples.shape
+    if n < 2:
+        raise ValueError(f"the energy loss needs at least 2 samples per position, got N={n}")
+    if mu.shape != (positions, latent):
+        raise ValueError(f"mu has shape {tuple(mu.shape)}, expected {(positions, latent)}")
+    if targets is not None and targets.shape[1:] != (positions, latent):
+        raise ValueError(f"targets have shape {tuple(targets.shape)}, expected [M, {positions}, {latent}]")
+    m = targets.size(0) if targets is not None else num_targets
+    chunk = max(1, chunk_elements // (n * max(m, n) * latent))
+    samples = samples.float()
+    recompute = torch.is_grad_enabled() and samples.requires_grad
+    losses = []
+    for start in range(0, positions, chunk):
+        stop = min(start + chunk, positions)
+        if targets is not None:
+            chunk_targets = targets[:, start:stop].float()
+        else:
+            sigma_chunk = None if log_sigma is None else log_sigma[start:stop]
+            chunk_targets = draw_targets(mu[start:stop], sigma_chunk, num_targets, generator)
+        chunk_samples = samples[:, start:stop]
+        if recompute:
+            losses.append(checkpoint(_energy_terms, chunk_samples, chunk_targets, alpha, use_reentrant=False))
+        else:
+            losses.append(_energy_terms(chunk_samples, chunk_targets, alpha))
+    return torch.cat(losses)
