@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import importlib.util
 import logging
 import os
 import random
@@ -92,8 +93,22 @@ def _init_process_group(env: LaunchEnv, timeout_minutes: int) -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
-    dist.init_process_group(backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size, timeout=timeout))
+    # torchrun keeps one store across --max-restarts attempts; without a per-attempt prefix the
+    # restarted ranks read the dead attempt's addresses for Megatron's groups and cannot connect.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"calm_attempt_{attempt}", store)
+    dist.init_process_group(backend=backend, store=store, rank=env.rank, world_size=env.world_size,
+                            timeout=timeout)
+
+
+def fused_kernels() -> str:
+    """Which optional fused-kernel libraries are importable (apex, Transformer Engine)."""
+    found = {name: importlib.util.find_spec(name) is not None for name in ("apex", "transformer_engine")}
+    active = [name for name, ok in found.items() if ok]
+    return ("fused kernels from " + " + ".join(active)) if active else \
+        "apex / Transformer Engine not installed: local PyTorch kernels"
 
 
 def init(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int = 10,
@@ -114,6 +129,7 @@ def init(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int = 10,
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                              distributed_timeout_minutes=timeout_minutes)
     layout = current_layout()
+    log.info("parallel runtime: %s backend, %s", dist.get_backend(), fused_kernels())
     seed_everything(seed, layout)
     if init_deepspeed:
         import deepspeed

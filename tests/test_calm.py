@@ -166,7 +166,8 @@ def test_energy_loss_draws_targets_from_the_posterior():
     from calm_megatron.models.energy_head import energy_loss
 
     g = torch.Generator().manual_seed(1)
-    samples, mu, log_sigma = torch.randn(3, 4, 2, generator=g), torch.randn(4, 2, generator=g), torch.randn(4, 2, generator=g)
+    samples, mu = torch.randn(3, 4, 2, generator=g), torch.randn(4, 2, generator=g)
+    log_sigma = torch.randn(4, 2, generator=g)
     drawn = energy_loss(samples, mu, log_sigma, 5, 1.0, generator=torch.Generator().manual_seed(7))
     eps = torch.randn(5, 4, 2, generator=torch.Generator().manual_seed(7))
     given = energy_loss(samples, mu, log_sigma, 5, 1.0, targets=mu + log_sigma.exp() * eps)
@@ -222,6 +223,21 @@ def test_backbone_is_llama_with_chunk_index_positions_and_gqa(megatron_single):
     assert (h - token_positions).abs().max() > 1e-3
 
 
+def test_sdpa_core_attention_equals_megatron_dot_product_attention(megatron_single):
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from calm_megatron.models.backbone import SDPAttention, transformer_config
+
+    config = transformer_config(tiny_config(CALM_TINY, "model.num_query_groups=2").model)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(10, 2, heads, 32, generator=g) for heads in (4, 2, 2))  # [s, b, heads, hd], GQA
+    causal = torch.ones(10, 10, dtype=torch.bool).triu(1)[None, None]  # Megatron's default mask is CUDA-only
+    expected = DotProductAttention(config, 1, AttnMaskType.causal, "self")(q, k, v, causal)
+    got = SDPAttention(config, 1, AttnMaskType.causal, "self")(q, k, v, None)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_backbone_is_causal_over_chunks(megatron_single):
     cfg = tiny_config()
     calm = build_tiny_calm(cfg)
@@ -258,6 +274,26 @@ def test_calm_forward_is_the_energy_loss_of_next_chunk_posteriors(megatron_singl
                            m.num_targets, m.energy_alpha).view(2, 5)
     torch.testing.assert_close(out.per_position_loss, expected)
     torch.testing.assert_close(out.loss, expected.mean())
+
+
+def test_full_recompute_gives_the_same_gradients(megatron_single):
+    from calm_megatron.models.autoencoder import build_autoencoder
+    from calm_megatron.models.calm import build_calm
+
+    grads = {}
+    for recompute in ("none", "full"):
+        cfg = tiny_config(CALM_TINY, f"parallel.recompute={recompute}")
+        torch.manual_seed(0)
+        calm = build_calm(cfg.model, build_autoencoder(cfg.autoencoder), parallel=cfg.parallel).train()
+        assert calm.head.recompute_blocks == (recompute == "full")
+        assert calm.config.recompute_granularity == (None if recompute == "none" else recompute)
+        with torch.no_grad():
+            calm.head.final_fc2.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(2)
+        calm(random_tokens(cfg, batch=2, chunks=6)).loss.backward()
+        grads[recompute] = {n: p.grad.clone() for n, p in calm.trainable_named_parameters()}
+    for name, grad in grads["none"].items():
+        torch.testing.assert_close(grads["full"][name], grad, msg=name)
 
 
 def test_autoencoder_inside_calm_is_frozen(megatron_single):
@@ -356,4 +392,5 @@ def test_tiny_configs_share_one_backbone():
         assert getattr(calm, key) == getattr(ar, key)
     C.validate(tiny_config(), world_size=1, check_files=False)
     C.validate(tiny_config(AR_TINY), world_size=1, check_files=False)
+    assert tiny_config().autoencoder == C.load(str(REPO / "configs/ae/tiny.yaml")).autoencoder  # stage 1's AE
     assert tiny_config().autoencoder.latent_size == calm.latent_size

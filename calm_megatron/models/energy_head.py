@@ -84,10 +84,13 @@ class EnergyHead(nn.Module):
         self.final_norm = linears.norm(d)
         self.final_fc1 = linears.column(d, d)
         self.final_fc2 = linears.row(d, cfg.latent_size, init=nn.init.zeros_)  # zero-initialised
+        # With full recompute the N-fold head activations are recomputed per block in backward too.
+        self.recompute_blocks = getattr(config, "recompute_granularity", None) == "full"
 
     def condition(self, h: torch.Tensor) -> torch.Tensor:
         """c = LN(W_h h), computed once per position and shared by all its samples."""
-        return self.hidden_norm(self.hidden_proj(h)[0])
+        rows = h.reshape(-1, h.size(-1))  # Megatron linears want 2-D (or 3-D) inputs
+        return self.hidden_norm(self.hidden_proj(rows)[0]).view(*h.shape[:-1], -1)
 
     def draw_noise(self, shape, device, dtype, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """eps ~ U(-0.5, 0.5) of shape ``[*shape, noise_size]``."""
@@ -99,7 +102,10 @@ class EnergyHead(nn.Module):
         c = c.expand(*lead, c.size(-1)).reshape(-1, c.size(-1))  # Megatron linears want 2-D rows
         e = self.noise_norm(self.noise_proj(noise.reshape(-1, noise.size(-1)).to(c.dtype))[0])
         for block in self.blocks:
-            e = block(e, c)
+            if self.recompute_blocks and self.training and torch.is_grad_enabled():
+                e = checkpoint(block, e, c, use_reentrant=False)
+            else:
+                e = block(e, c)
         z = self.final_fc2(F.silu(self.final_fc1(self.final_norm(e))[0]))[0]
         return z.view(*lead, self.latent_size)
 

@@ -243,9 +243,9 @@ class SlurmCluster:
         try:
             self._cancel_jobs()
         finally:
-            _terminate([self._pids[name] for name in ("slurmd", "slurmctld") if name in self._pids])
-            _terminate(self._marked_processes(), grace=2)
-            _terminate([self._pids["munged"]] if "munged" in self._pids else [])
+            # All at once (each takes ~2 s to shut down); the jobs are gone already.
+            daemons = [self._pids[name] for name in ("slurmd", "slurmctld", "munged") if name in self._pids]
+            _terminate(daemons + [pid for pid in self._marked_processes() if pid not in daemons])
             if os.environ.get("CALM_KEEP_SLURM_DIR") != "1":
                 shutil.rmtree(self.root, ignore_errors=True)
 
