@@ -101,6 +101,7 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 0  # 0: only at the end
     eval_batches: int = 8  # held-out batches per rank at each eval; 0: the whole held-out set
+    eval_at_start: bool = False  # also evaluate the initial model (e.g. BrierLM at init)
     progress_bar: bool = True
     exit_after_minutes: float = 0.0  # wall-time budget: save and exit with the requeue code; 0: none
 
@@ -123,13 +124,17 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    """Tokenizer and token shards."""
+    """Tokenizer and token shards (local folders or s3://bucket/prefix; S3 endpoint and credentials come from
+    S3_ENDPOINT_URL and the AWS_* environment variables only, never from this file)."""
     tokenizer: str = ""  # sentencepiece .model or HF tokenizer.json
-    train: str = ""  # MDS shard folder (written by tools/prepare_data.py)
+    train: str = ""  # MDS shard folder(s) written by tools/prepare_data.py; a comma-separated list is a mixture
+    train_weights: List[float] = field(default_factory=list)  # relative weight per train folder; []: natural sizes
     valid: str = ""  # held-out MDS shard folder
-    num_workers: int = 0
-    download_retry: int = 8
-    timeout_s: float = 120.0  # a batch that takes longer is an error, never a hang
+    cache_dir: str = ""  # node-local cache of streamed shards, reused across restarts; "": a private temp folder
+    cache_limit: str = ""  # e.g. "200gb": evict least recently used shards beyond it; "": no limit
+    num_workers: int = 0  # DataLoader worker processes per rank (0: read in the training process)
+    download_retry: int = 8  # attempts per shard file (backoff 0.5-4 s: rides out a store down for ~20 s)
+    timeout_s: float = 120.0  # a batch that takes longer is an error (resumable), never a hang
     shuffle: bool = True
 
 
@@ -377,6 +382,24 @@ def _validate_data(cfg: Config) -> None:
                 raise ConfigError(f"data.{key}: {err}") from None
 
 
+def _validate_autoencoder_checkpoint(cfg: Config) -> None:
+    """Stage 2 needs a stage-1 checkpoint whose K, latent size and vocab match the model section."""
+    from calm_megatron.training.checkpoint import AE_CONFIG, CheckpointError, resolve_step
+
+    path = cfg.model.autoencoder_checkpoint
+    _check(bool(path), "model.autoencoder_checkpoint is empty: CALM needs a stage-1 (autoencoder) run or step")
+    try:
+        step = resolve_step(path)
+    except CheckpointError as err:
+        raise ConfigError(f"model.autoencoder_checkpoint: {err}") from None
+    meta = step / AE_CONFIG
+    _check(meta.is_file(), f"model.autoencoder_checkpoint={path}: {step} holds no {AE_CONFIG} (not a stage-1 run)")
+    ae = json.loads(meta.read_text())
+    for key, ae_key in (("chunk_size", "chunk_size"), ("latent_size", "latent_size"), ("vocab_size", "vocab_size")):
+        _check(getattr(cfg.model, key) == ae[ae_key],
+               f"model.{key}={getattr(cfg.model, key)} but the autoencoder at {step} has {ae_key}={ae[ae_key]}")
+
+
 def validate(cfg: Config, world_size: int, check_files: bool = True) -> int:
     """Check every cross-field rule; returns the data-parallel size. Runs before any process group."""
     _validate_sections(cfg)
@@ -385,6 +408,8 @@ def validate(cfg: Config, world_size: int, check_files: bool = True) -> int:
     _validate_batch(cfg, dp)
     if check_files:
         _validate_data(cfg)
+        if cfg.run.stage == "calm":
+            _validate_autoencoder_checkpoint(cfg)
     return dp
 
 
@@ -405,6 +430,8 @@ def to_deepspeed(cfg: Config, dp: int) -> dict:
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
         "dump_state": False,
+        # torch SGD is not on DeepSpeed's list of ZeRO-tested optimizers; it works (tests compare it).
+        "zero_allow_untested_optimizer": cfg.optim.optimizer == "sgd",
     }
     if pipelined:
         ds["train_batch_size"] = cfg.train.micro_batch_size * dp

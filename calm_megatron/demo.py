@@ -29,51 +29,72 @@ def _tool(name: str) -> List[str]:
     return [sys.executable, str(REPO / "tools" / name)]
 
 
-def prepare_data(data: Path, vocab_size: int, seq_len: int) -> Dict[str, Path]:
-    """Corpus, tokenizer and AE shards under `data` (each skipped when present)."""
+def _shards(tokenizer: Path, source: Path, out: Path, packing: str, seq_len: int) -> None:
+    """Tokenized shards (skipped when present with the same block length)."""
+    index = out / "calm_index.json"
+    if index.is_file() and json.loads(index.read_text())["seq_len"] == seq_len:
+        return
+    _run(_tool("prepare_data.py") + ["--input", str(source), "--tokenizer", str(tokenizer), "--out", str(out),
+                                     "--packing", packing, "--chunk-size", "4", "--seq-len", str(seq_len),
+                                     "--overwrite"], f"write {packing} shards ({source.stem}, {seq_len} tokens)")
+
+
+def prepare_data(data: Path, vocab_size: int, ae_seq_len: int, lm_seq_len: int) -> Dict[str, Path]:
+    """Corpus, tokenizer, AE shards and LM shards under `data` (each skipped when present)."""
     corpus, tok_prefix = data / "corpus", data / "tokenizer" / "spm"
-    paths = {"corpus": corpus, "tokenizer": tok_prefix.with_suffix(".model"),
-             "ae_train": data / "shards" / "ae" / "train", "ae_valid": data / "shards" / "ae" / "valid"}
+    paths = {"corpus": corpus, "tokenizer": tok_prefix.with_suffix(".model")}
     if not (corpus / "corpus.json").is_file():
         _run(_tool("fetch_corpus.py") + ["--out", str(corpus)], "fetch the demo corpus")
     if not paths["tokenizer"].is_file():
         _run(_tool("train_tokenizer.py") + ["--input", str(corpus / "train.jsonl"), "--out-prefix",
                                             str(tok_prefix), "--vocab-size", str(vocab_size)],
              "train the tokenizer")
-    for split in ("train", "valid"):
-        out = paths[f"ae_{split}"]
-        if not (out / "calm_index.json").is_file():
-            _run(_tool("prepare_data.py") + ["--input", str(corpus / f"{split}.jsonl"), "--tokenizer",
-                                             str(paths["tokenizer"]), "--out", str(out), "--packing", "ae",
-                                             "--chunk-size", "4", "--seq-len", str(seq_len)],
-                 f"write AE shards ({split})")
+    for packing, seq_len in (("ae", ae_seq_len), ("lm", lm_seq_len)):
+        for split in ("train", "valid"):
+            paths[f"{packing}_{split}"] = data / "shards" / packing / split
+            _shards(paths["tokenizer"], corpus / f"{split}.jsonl", paths[f"{packing}_{split}"], packing, seq_len)
     return paths
 
 
-def train_autoencoder(paths: Dict[str, Path], out: Path, overrides: List[str]) -> dict:
-    run_dir = out / "ae"
-    cmd = [sys.executable, "-m", "calm_megatron.train", "configs/ae/tiny.yaml", "run.name=demo_ae",
-           f"run.out_dir={run_dir}", f"data.tokenizer={paths['tokenizer']}", f"data.train={paths['ae_train']}",
-           f"data.valid={paths['ae_valid']}", "train.eval_batches=0"] + overrides
-    _run(cmd, "train the autoencoder (stage 1)", env={"WANDB_MODE": os.environ.get("WANDB_MODE", "offline")})
+def train_stage(config: str, name: str, what: str, paths: Dict[str, Path], packing: str, out: Path,
+                overrides: List[str]) -> dict:
+    """One training run through the real entry point; returns its train_summary.json."""
+    run_dir = out / name
+    cmd = [sys.executable, "-m", "calm_megatron.train", config, f"run.name=demo_{name}", f"run.out_dir={run_dir}",
+           f"data.tokenizer={paths['tokenizer']}", f"data.train={paths[packing + '_train']}",
+           f"data.valid={paths[packing + '_valid']}", "train.eval_batches=0"] + overrides
+    _run(cmd, what, env={"WANDB_MODE": os.environ.get("WANDB_MODE", "offline")})
     return json.loads((run_dir / "train_summary.json").read_text())
 
 
-def run_demo(out: Path, data: Path, ae_overrides: List[str]) -> dict:
+def run_demo(out: Path, data: Path, ae_overrides: List[str], calm_overrides: List[str] = (),
+             ar_overrides: List[str] = ()) -> dict:
     """Run every demo step and write `<out>/summary.json`."""
     started = time.time()
     from calm_megatron import config as C
 
     ae_cfg = C.load(str(REPO / "configs/ae/tiny.yaml"), ae_overrides)
-    paths = prepare_data(data, ae_cfg.autoencoder.vocab_size, ae_cfg.train.seq_len)
-    ae = train_autoencoder(paths, out, ae_overrides)
+    lm_cfg = C.load(str(REPO / "configs/calm/tiny.yaml"), list(calm_overrides))
+    paths = prepare_data(data, ae_cfg.autoencoder.vocab_size, ae_cfg.train.seq_len, lm_cfg.train.seq_len)
+    ae = train_stage("configs/ae/tiny.yaml", "ae", "train the autoencoder (stage 1)", paths, "ae", out,
+                     list(ae_overrides))
+    calm = train_stage("configs/calm/tiny.yaml", "calm", "train CALM on the frozen autoencoder (stage 2)", paths,
+                       "lm", out, [f"model.autoencoder_checkpoint={out / 'ae'}", "train.eval_at_start=true",
+                                   *calm_overrides])
+    ar = train_stage("configs/ar/tiny.yaml", "ar", "train the autoregressive baseline (same backbone)", paths,
+                     "lm", out, list(ar_overrides))
     summary = {"ae_recon_token_acc": ae["recon_token_acc"], "ae_recon_chunk_acc": ae["recon_chunk_acc"],
-               "ae_params": ae["ae_params"], "tokens_seen": ae["tokens_seen"],
-               "ae_train_wall_seconds": ae["train_wall_seconds"], "ae_checkpoint": ae["checkpoint"],
+               "ae_params": ae["ae_params"], "tokens_seen": ae["tokens_seen"] + calm["tokens_seen"] + ar["tokens_seen"],
+               "calm_brierlm": calm["brierlm"], "calm_brierlm_at_init": calm["brierlm_at_init"],
+               "calm_brier_n": [calm[f"brier_{n}"] for n in range(1, 5)],
+               "calm_energy_loss_first_last": [calm["first_loss"], calm["final_loss"]],
+               "ar_brierlm": ar["brierlm"], "ar_brier_n": [ar[f"brier_{n}"] for n in range(1, 5)],
+               "calm_params": calm["calm_params"], "ar_params": ar["ar_params"],
+               "stage_seconds": {k: v["train_wall_seconds"] for k, v in (("ae", ae), ("calm", calm), ("ar", ar))},
                "wall_seconds": round(time.time() - started, 1)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("\n==> demo finished\n" + json.dumps(summary, indent=1))
-    print(f"\n  data (corpus, tokenizer, shards): {data}\n  autoencoder run: {out / 'ae'}"
+    print(f"\n  data (corpus, tokenizer, shards): {data}\n  runs: {out / 'ae'}, {out / 'calm'}, {out / 'ar'}"
           f"\n  summary: {out / 'summary.json'}")
     return summary

@@ -85,9 +85,20 @@ def _prepare_cpu_runtime() -> None:
     torch.set_flush_denormal(True)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _init_process_group(env: LaunchEnv, timeout_minutes: int) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_PORT" not in os.environ:
+        if env.world_size > 1:
+            raise RuntimeError("MASTER_PORT is not set: launch several ranks with torchrun or srun")
+        os.environ["MASTER_PORT"] = str(_free_port())  # a lone process needs no agreed port
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(env.rank), str(env.world_size)
     os.environ["LOCAL_RANK"] = str(env.local_rank)
     backend = "nccl" if torch.cuda.is_available() else "gloo"

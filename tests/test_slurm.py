@@ -317,19 +317,25 @@ def test_pipeline_autoencoder_then_calm_on_two_ranks(slurm_cluster, tiny_data, t
 @pytest.mark.timeout(1500)
 def test_preempted_training_job_resumes_bitwise_equal(slurm_cluster, tiny_data, tmp_path):
     vocab = tiny_data["vocab_size"]
-    steps = 40
+    steps = 60  # ~0.1 s each here; the signal lands within a second of step 1
     common = [*_data(tiny_data, "ae"), *TINY_AE, f"autoencoder.vocab_size={vocab}", "train.seq_len=64",
               "train.micro_batch_size=2", "train.global_batch_size=4", f"train.steps={steps}", *QUIET,
               "checkpoint.interval=1000"]
+    def wait_step(log: Path, step: int) -> None:  # the trainer logs "step N/40 ..." every step
+        deadline = time.time() + 600
+        while max(map(int, re.findall(r"\bstep (\d+)/\d+", read(log))), default=0) < step:
+            assert time.time() < deadline and "training failed" not in read(log), read(log)[-5000:]
+            time.sleep(0.5)
+
     straight, straight_log = submit_train(slurm_cluster, tmp_path, "straight",
                                           [str(AE_TINY), *common, f"run.out_dir={tmp_path / 'straight'}"], fake=False)
+    # The second job starts once the first one has built its data loader: two jobs that create Streaming's
+    # shared memory on one host at the same instant can race for the same name.
+    wait_step(straight_log, 1)
     preempted_dir = tmp_path / "preempted"
     job, log = submit_train(slurm_cluster, tmp_path, "preempted",
                             [str(AE_TINY), *common, f"run.out_dir={preempted_dir}"], fake=False)
-    # preempt once training is under way (the trainer logs "step N/40 ..." every step)
-    deadline = time.time() + 600
-    while max(map(int, re.findall(r"\bstep (\d+)/\d+", read(log))), default=0) < 3 and time.time() < deadline:
-        time.sleep(0.5)
+    wait_step(log, 1)  # preempt once training is under way
     slurm_cluster.run(["scancel", "--signal", "USR1", "--batch", str(job)])
     for j, path in ((straight, straight_log), (job, log)):
         info = slurm_cluster.wait_state(j, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=900, poll=2)
@@ -337,7 +343,8 @@ def test_preempted_training_job_resumes_bitwise_equal(slurm_cluster, tiny_data, 
     text = read(log)
     assert slurm_cluster.job(job)["Restarts"] == "1", text[-5000:]
     assert "got SIGUSR1: forwarding" in text and f"scontrol requeue {job}" in text
-    assert "resumed from" in text, text[-5000:]
+    resumed = re.search(r"resumed from \S+ at step (\d+)", text)
+    assert resumed and 1 <= int(resumed.group(1)) < steps, text[-5000:]
     a, b = _tensors(tmp_path / "straight"), _tensors(preempted_dir)
     assert a["step"] == b["step"] and a["tensors"].keys() == b["tensors"].keys()
     for key in a["tensors"]:

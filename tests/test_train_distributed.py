@@ -5,6 +5,7 @@ Noise-free AE settings (no dropout, z = mu) so that every layout sees the same c
 """
 import pytest
 
+from tests.conftest import REPO
 from tests.dist_helpers import torchrun_json
 
 pytestmark = pytest.mark.distributed
@@ -12,7 +13,7 @@ pytestmark = pytest.mark.distributed
 STEPS = 5
 BASE = ["autoencoder.dropout=0.0", "autoencoder.variational=false", "train.seq_len=32",
         "train.global_batch_size=4", "optim.warmup_steps=0", "optim.grad_clip=0.0"]
-OPTIMS = {"sgd": ["optim.optimizer=sgd", "optim.lr=0.5"], "adamw": ["optim.optimizer=adamw", "optim.lr=0.003"]}
+OPTIMS = {"sgd": ["optim.optimizer=sgd", "optim.lr=0.05"], "adamw": ["optim.optimizer=adamw", "optim.lr=0.003"]}
 
 
 def _scenarios(micro: int, zero_stages):
@@ -24,7 +25,7 @@ def _scenarios(micro: int, zero_stages):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ae_dp")
-    spec = {"config": "configs/ae/tiny.yaml", "steps": STEPS}
+    spec = {"config": str(REPO / "configs/ae/tiny.yaml"), "steps": STEPS}
     one = torchrun_json("train_equivalence.py", 1, dict(spec, scenarios={**_scenarios(4, [0]), **_scenarios(2, [0])}),
                         tmp)
     two = torchrun_json("train_equivalence.py", 2, dict(spec, scenarios=_scenarios(2, [1, 2])), tmp)

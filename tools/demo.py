@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The end-to-end demo (what `make demo` runs): corpus, tokenizer, shards, autoencoder, summary."""
+"""The end-to-end demo (what `make demo` runs): corpus, tokenizer, shards, autoencoder, CALM and the
+baseline, BrierLM of both, summary.json."""
 import argparse
 import sys
 from pathlib import Path
@@ -15,8 +16,10 @@ def main() -> None:
     parser.add_argument("--data", default="data/demo", help="where corpus, tokenizer and shards go")
     parser.add_argument("--ae", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides for the autoencoder run (e.g. train.steps=200)")
+    parser.add_argument("--calm", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for the CALM run")
+    parser.add_argument("--ar", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for the baseline run")
     args = parser.parse_args()
-    run_demo(Path(args.out), Path(args.data), args.ae)
+    run_demo(Path(args.out), Path(args.data), args.ae, args.calm, args.ar)
 
 
 if __name__ == "__main__":

@@ -171,6 +171,17 @@ def _remove_default_caches() -> None:
 atexit.register(_remove_default_caches)
 
 
+def shard_folder(path, cache_dir: Optional[str] = None) -> "ShardFolder":
+    """The ShardFolder of `path` (one per path and cache folder in this process, so downloads are reused)."""
+    key = (str(path), cache_dir or "", os.getpid())
+    if key not in _folders:
+        _folders[key] = ShardFolder(path, cache_dir)
+    return _folders[key]
+
+
+_folders: dict = {}
+
+
 class ShardFolder:
     """The files of one shard folder: local paths as they are, remote objects downloaded into `cache_dir`
     (default: a private temporary folder of this process, removed at exit)."""
@@ -216,9 +227,7 @@ def _file_xxh64(path: Path) -> str:
 
 
 def _file_problem(local: Path, info: dict) -> Optional[str]:
-    expected = (info.get("hashes") or {}).get(HASH)
-    if expected is None:
-        return f"was written without an {HASH} hash and cannot be verified"
+    expected = info["hashes"][HASH]
     if not local.is_file():
         return "is missing"
     if local.stat().st_size != info["bytes"]:
@@ -230,9 +239,12 @@ def _file_problem(local: Path, info: dict) -> Optional[str]:
 
 def _verified_file(folder: ShardFolder, info: dict) -> Path:
     """The local, verified copy of one shard file; a cached remote copy that fails is fetched once more."""
+    if (info.get("hashes") or {}).get(HASH) is None:
+        raise ShardCorruptError(f"shard file {folder.name(info['basename'])} was written without an {HASH} hash "
+                                "and cannot be verified")
     local = folder.local_file(info["basename"])
     problem = _file_problem(local, info)
-    if problem and folder.remote and "without" not in problem:
+    if problem and folder.remote:
         local = folder.local_file(info["basename"], refresh=True)
         problem = _file_problem(local, info)
     if problem:
@@ -247,7 +259,7 @@ def verify_shards(path, cache_dir: Optional[str] = None) -> int:
     raw file too. Remote folders: downloads and checks every compressed file. Raises ShardCorruptError (a
     ValueError) naming the shard file on a missing file, a size or a hash mismatch.
     """
-    folder = ShardFolder(path, cache_dir)
+    folder = shard_folder(path, cache_dir)
     checked = 0
     for shard in read_mds_index(path)["shards"]:
         present = [info for info in (shard.get("zip_data"), shard["raw_data"]) if info and folder.has(info["basename"])]
@@ -287,7 +299,7 @@ def iter_blocks(path, start: int = 0, step: int = 1, stop: Optional[int] = None,
     import_streaming()
     from streaming.base.format import reader_from_json
 
-    folder = ShardFolder(path, cache_dir)
+    folder = shard_folder(path, cache_dir)
     shards = read_mds_index(path)["shards"]
     total = sum(shard["samples"] for shard in shards)
     stop = total if stop is None else stop

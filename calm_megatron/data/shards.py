@@ -13,6 +13,10 @@ paragraph (`txt_mode="blank-line"`).
 
 A shard folder holds MDS shards (column `tokens`, `ndarray:uint32`, zstd, xxh64 hashes), MDS's `index.json`,
 and our `calm_index.json` describing how the blocks were made; `check_shard_index` compares it with a run.
+`out` is a local folder or `s3://bucket/prefix` (endpoint from S3_ENDPOINT_URL, credentials from the AWS
+variables): shards are uploaded as they are finished, MDS's index.json after them and calm_index.json last, so a
+prefix without calm_index.json is never taken for a dataset. Reading and checking: `calm_megatron.data.shard_read`
+(re-exported here).
 """
 from __future__ import annotations
 
@@ -20,22 +24,21 @@ import json
 import multiprocessing
 import os
 import shutil
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, List, Optional
 
 import numpy as np
 
-from calm_megatron.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_fingerprint
+from calm_megatron.data import storage
+from calm_megatron.data.shard_read import (  # noqa: F401  (re-exported: the reading and checking API)
+    COLUMNS, COMPRESSION, FORMAT_VERSION, HASH, INDEX_NAME, MDS_INDEX_NAME, PACKINGS, STAGE_PACKING,
+    ShardCorruptError, check_shard_index, iter_blocks, num_blocks, read_mds_index, read_shard_index,
+    split_paths, verify_shards)
+from calm_megatron.data.tokenizer import Tokenizer, load_tokenizer
 
-FORMAT_VERSION = 1
-INDEX_NAME = "calm_index.json"
-MDS_INDEX_NAME = "index.json"
-COLUMNS = {"tokens": "ndarray:uint32"}
-COMPRESSION = "zstd"
-HASH = "xxh64"
-PACKINGS = ("ae", "lm")
-STAGE_PACKING = {"ae": "ae", "calm": "lm", "ar": "lm"}
 TXT_MODES = ("file", "blank-line")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 DEFAULT_SHARD_BYTES = 1 << 26
@@ -224,43 +227,117 @@ def _publish(staging: Path, out: Path) -> None:
     os.replace(staging, out)
 
 
+class _RemoteSink:
+    """Uploads each finished shard file of the local staging folder to the s3:// prefix, then deletes it, so the
+    local disk holds only the shards in flight. MDS's index.json goes up after every shard."""
+
+    def __init__(self, staging: Path, remote: str, threads: int = 4):
+        self.staging, self.remote = staging, remote
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="calm-upload")
+        self.pending: List[Future] = []
+        self.max_pending = 2 * threads
+        self.seen = 0
+
+    def _upload(self, basename: str) -> None:
+        local = self.staging / basename
+        storage.upload_file(str(local), storage.join(self.remote, basename))
+        local.unlink()
+
+    def poll(self, writer) -> None:
+        """Queue the shards `writer` finished since the last call; block while too many are in flight."""
+        for shard in writer.shards[self.seen:]:
+            basename = (shard.get("zip_data") or shard["raw_data"])["basename"]
+            self.pending.append(self.pool.submit(self._upload, basename))
+        self.seen = len(writer.shards)
+        while len(self.pending) > self.max_pending:
+            self.pending.pop(0).result()
+        for future in [f for f in self.pending if f.done()]:
+            self.pending.remove(future)
+            future.result()
+
+    def finish(self, writer) -> None:
+        self.poll(writer)
+        for future in self.pending:
+            future.result()
+        self.pending = []
+        self._upload(MDS_INDEX_NAME)
+        self.pool.shutdown()
+
+    def abort(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _prepare_remote_out(out: str, overwrite: bool) -> None:
+    """The bucket must exist; a non-empty prefix is refused unless `overwrite`, in which case calm_index.json is
+    deleted first (the prefix stops being a dataset at once) and then everything else under it."""
+    storage.check_bucket(out)
+    existing = storage.list_objects(out)
+    if existing and not overwrite:
+        raise FileExistsError(f"{storage.describe(out)} is not empty ({len(existing)} objects; pass "
+                              "overwrite=True / --overwrite)")
+    if existing:
+        index = storage.join(out, INDEX_NAME)
+        if index in existing:
+            storage.delete_objects([index])
+        storage.delete_objects([url for url in existing if url != index])
+
+
 def write_shards(inputs: list[str], tokenizer: str, out: str, packing: str, seq_len: int,
                  chunk_size: Optional[int] = None, workers: int = 1, text_key: str = "text",
                  txt_mode: str = "file", size_limit: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
                  progress: bool = True) -> dict:
-    """Tokenize `inputs`, pack them (`packing` "ae" or "lm") and write MDS shards plus calm_index.json to `out`.
+    """Tokenize `inputs`, pack them (`packing` "ae" or "lm") and write MDS shards plus calm_index.json to `out`
+    (a local folder or s3://bucket/prefix).
 
-    The folder is built beside `out` and renamed into place at the end, so `out` never holds a partial
-    result. Returns the calm_index.json content. Raises InputError for bad inputs before any heavy work.
+    Local: the folder is built beside `out` and renamed into place at the end, so `out` never holds a partial
+    result. s3: shards are uploaded as they are finished and calm_index.json last, so readers (which require
+    calm_index.json) never take a partial upload for a dataset. Returns the calm_index.json content. Raises
+    InputError for bad inputs before any heavy work, DataStorageError when the store fails.
     """
     paths = validate_inputs(inputs)
     _check_packing_args(packing, seq_len, chunk_size)
+    storage.check_supported(out)
     tok = load_tokenizer(tokenizer)
-    out_path = Path(out)
-    staging = _prepare_out_dir(out_path, overwrite)
+    remote = storage.is_remote(out)
+    if remote:
+        _prepare_remote_out(out, overwrite)
+        staging = Path(tempfile.mkdtemp(prefix="calm_prepare_")) / "mds"  # MDSWriter creates it
+        sink: Optional[_RemoteSink] = _RemoteSink(staging, out)
+    else:
+        staging, sink = _prepare_out_dir(Path(out), overwrite), None
     encoder = _Encoder(str(tok.path), workers)
     try:
         counts = _write_blocks(encoder, iter_documents(paths, text_key, txt_mode), tok, staging, packing,
-                               seq_len, chunk_size, size_limit, progress)
+                               seq_len, chunk_size, size_limit, progress, sink)
     except BaseException:
         encoder.close(failed=True)
-        shutil.rmtree(staging, ignore_errors=True)
+        if sink is not None:
+            sink.abort()
+        shutil.rmtree(staging.parent if remote else staging, ignore_errors=True)
         raise
     encoder.close()
     if counts["num_samples"] == 0:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging.parent if remote else staging, ignore_errors=True)
+        if remote:
+            storage.delete_objects(storage.list_objects(out))
         raise InputError(f"inputs {[str(p) for p in paths]} hold no text: no block was written")
     index = {"format_version": FORMAT_VERSION, "packing": packing, "tokenizer": tok.path.name,
              "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "chunk_size": chunk_size,
              "seq_len": seq_len, **counts, "pad_id": tok.pad_id, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
              "sources": [p.name for p in paths], "columns": COLUMNS, "compression": COMPRESSION, "hashes": [HASH]}
-    (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    _publish(staging, out_path)
+    index_bytes = (json.dumps(index, indent=2) + "\n").encode()
+    if remote:
+        storage.write_bytes(storage.join(out, INDEX_NAME), index_bytes)
+        shutil.rmtree(staging.parent, ignore_errors=True)
+    else:
+        (staging / INDEX_NAME).write_bytes(index_bytes)
+        _publish(staging, Path(out))
     return index
 
 
 def _write_blocks(encoder: _Encoder, documents: Iterator[str], tok: Tokenizer, staging: Path, packing: str,
-                  seq_len: int, chunk_size: Optional[int], size_limit: int, progress: bool) -> dict:
+                  seq_len: int, chunk_size: Optional[int], size_limit: int, progress: bool,
+                  sink: Optional[_RemoteSink] = None) -> dict:
     from tqdm import tqdm
 
     from calm_megatron.data.streaming_compat import import_streaming
@@ -276,6 +353,8 @@ def _write_blocks(encoder: _Encoder, documents: Iterator[str], tok: Tokenizer, s
             for block in blocks:
                 writer.write({"tokens": block})
             counts["num_samples"] += len(blocks)
+            if sink is not None and blocks:
+                sink.poll(writer)
 
         for ids in encoder.map(_count_empty(documents, counts)):
             if packing == "ae":
@@ -289,6 +368,8 @@ def _write_blocks(encoder: _Encoder, documents: Iterator[str], tok: Tokenizer, s
             bar.update(1)
         blocks, padded = cutter.finish(tok.pad_id if packing == "ae" else None)
         emit(blocks)
+    if sink is not None:
+        sink.finish(writer)
     bar.close()
     counts["num_pad_tokens"] += max(padded, 0)
     counts["num_dropped_tokens"] = max(-padded, 0)
@@ -303,151 +384,3 @@ def _count_empty(documents: Iterator[str], counts: dict) -> Iterator[str]:
             yield text
         else:
             counts["num_empty_documents"] += 1
-
-
-# ---------------------------------------------------------------- checking
-
-def read_shard_index(path: str | os.PathLike) -> dict:
-    """calm_index.json of a shard folder; ValueError naming the folder when it is missing or unreadable."""
-    folder = Path(path)
-    if "://" in str(path):
-        raise ValueError(f"{path}: remote shard folders are not supported yet; use a local or mounted path")
-    if not folder.is_dir():
-        raise ValueError(f"shard folder {path} does not exist")
-    index_path = folder / INDEX_NAME
-    if not index_path.is_file():
-        raise ValueError(f"{path} has no {INDEX_NAME} (write shards with tools/prepare_data.py)")
-    try:
-        return json.loads(index_path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{index_path} is not valid JSON: {err}") from None
-
-
-def check_shard_index(path, stage, chunk_size, vocab_size, seq_len, tokenizer=None) -> dict:
-    """Check that the shards in `path` fit a run; returns calm_index.json. Raises a one-line ValueError naming
-    the folder and both values on any disagreement.
-
-    stage "ae" needs packing "ae" written with the same K; stages "calm"/"ar" need packing "lm" whose
-    seq_len is a multiple of K (LM blocks do not depend on K). vocab_size and seq_len must be equal, and
-    when `tokenizer` (a path or a Tokenizer) is given its fingerprint must match the one the shards used.
-    """
-    if stage not in STAGE_PACKING:
-        raise ValueError(f"stage {stage!r} not in {sorted(STAGE_PACKING)}")
-    index = read_shard_index(path)
-    want_packing = STAGE_PACKING[stage]
-
-    def differ(what: str, theirs, ours) -> ValueError:
-        return ValueError(f"{path}: shards were written with {what}={theirs} but the run uses {what}={ours}")
-
-    if index.get("packing") != want_packing:
-        raise differ("packing", index.get("packing"), f"{want_packing} (stage {stage})")
-    if want_packing == "ae" and index.get("chunk_size") != chunk_size:
-        raise differ("chunk_size", index.get("chunk_size"), chunk_size)
-    if index.get("vocab_size") != vocab_size:
-        raise differ("vocab_size", index.get("vocab_size"), vocab_size)
-    if index.get("seq_len") != seq_len:
-        raise differ("seq_len", index.get("seq_len"), seq_len)
-    if want_packing == "lm" and seq_len % chunk_size:
-        raise ValueError(f"{path}: LM blocks of seq_len={seq_len} do not split into chunks of K={chunk_size}")
-    if tokenizer is not None:
-        ours = tokenizer.fingerprint if isinstance(tokenizer, Tokenizer) else tokenizer_fingerprint(tokenizer)
-        if index.get("tokenizer_fingerprint") != ours:
-            raise ValueError(f"{path}: shards were tokenized with {index.get('tokenizer')} (fingerprint "
-                             f"{index.get('tokenizer_fingerprint')}) but the run's tokenizer {tokenizer} has "
-                             f"fingerprint {ours}")
-    if not index.get("num_samples"):
-        raise ValueError(f"{path}: the shard folder holds zero samples")
-    return index
-
-
-def _mds_index(path: str | os.PathLike) -> dict:
-    index_path = Path(path) / MDS_INDEX_NAME
-    if not index_path.is_file():
-        raise ValueError(f"{path} has no MDS {MDS_INDEX_NAME}")
-    return json.loads(index_path.read_text())
-
-
-def _file_xxh64(path: Path) -> str:
-    import xxhash
-    digest = xxhash.xxh64()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _verify_file(folder: Path, info: dict) -> None:
-    path = folder / info["basename"]
-    expected = (info.get("hashes") or {}).get(HASH)
-    if expected is None:
-        raise ValueError(f"shard file {path} was written without an {HASH} hash and cannot be verified")
-    if path.stat().st_size != info["bytes"]:
-        raise ValueError(f"shard file {path} has {path.stat().st_size} bytes, its index says {info['bytes']}")
-    if _file_xxh64(path) != expected:
-        raise ValueError(f"shard file {path} is corrupt: {HASH} mismatch with {folder / MDS_INDEX_NAME}")
-
-
-def verify_shards(path: str | os.PathLike) -> int:
-    """Recompute the xxh64 of every shard file listed in MDS's index.json; returns how many files were checked.
-
-    Checks the compressed file and, where Streaming has already decompressed it beside, the raw file too.
-    Raises ValueError naming the shard file on a missing file, a size or a hash mismatch.
-    """
-    folder = Path(path)
-    checked = 0
-    for shard in _mds_index(folder)["shards"]:
-        present = [info for info in (shard.get("zip_data"), shard["raw_data"])
-                   if info and (folder / info["basename"]).is_file()]
-        if not present:
-            main = shard.get("zip_data") or shard["raw_data"]
-            raise ValueError(f"shard file {folder / main['basename']} is missing")
-        for info in present:
-            _verify_file(folder, info)
-            checked += 1
-    return checked
-
-
-# ---------------------------------------------------------------- reading without Streaming's cache
-
-def _shard_raw_bytes(folder: Path, shard: dict) -> bytes:
-    """The raw MDS bytes of one shard, verified: the raw file when present, else the decompressed zip file."""
-    raw = shard["raw_data"]
-    if (folder / raw["basename"]).is_file():
-        _verify_file(folder, raw)
-        return (folder / raw["basename"]).read_bytes()
-    zipped = shard.get("zip_data")
-    if not zipped or not (folder / zipped["basename"]).is_file():
-        raise ValueError(f"shard file {folder / (zipped or raw)['basename']} is missing")
-    _verify_file(folder, zipped)
-    from streaming.base.compression import decompress
-    return decompress(COMPRESSION, (folder / zipped["basename"]).read_bytes())
-
-
-def num_blocks(path: str | os.PathLike) -> int:
-    """Number of samples (blocks) in a shard folder, from MDS's index.json."""
-    return sum(shard["samples"] for shard in _mds_index(path)["shards"])
-
-
-def iter_blocks(path: str | os.PathLike, start: int = 0, step: int = 1,
-                stop: Optional[int] = None) -> Iterator[tuple[int, np.ndarray]]:
-    """(block index, uint32 tokens) for blocks start, start+step, ... < stop, in order, reading the MDS shards
-    directly (no shared memory, no cache writes). Every shard is hash-verified before use."""
-    from calm_megatron.data.streaming_compat import import_streaming
-    import_streaming()
-    from streaming.base.format import reader_from_json
-
-    folder = Path(path)
-    shards = _mds_index(folder)["shards"]
-    stop = num_blocks(folder) if stop is None else stop
-    first = 0
-    for shard in shards:
-        last = first + shard["samples"]
-        wanted = range(max(start, first + (start - first) % step), min(last, stop), step)
-        if len(wanted):
-            reader = reader_from_json(str(folder), None, shard)
-            data = _shard_raw_bytes(folder, shard)
-            offsets = np.frombuffer(data, np.uint32, count=shard["samples"] + 1, offset=4)
-            for block_id in wanted:
-                i = block_id - first
-                yield block_id, reader.decode_sample(data[offsets[i]:offsets[i + 1]])["tokens"]
-        first = last

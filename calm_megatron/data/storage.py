@@ -244,6 +244,21 @@ def write_bytes(path: str, data: bytes, policy: RetryPolicy = RetryPolicy()) -> 
               policy)
 
 
+def upload_file(local: str, path: str, policy: RetryPolicy = RetryPolicy()) -> None:
+    """Copy the local file `local` to an s3:// object or a local path."""
+    if not is_remote(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local, path)
+        return
+    bucket, key = split_s3(path)
+
+    def put() -> None:  # one PUT per file (shards are far below S3's 5 GB single-PUT limit)
+        with open(local, "rb") as body:
+            s3_client(policy.timeout_s).put_object(Bucket=bucket, Key=key, Body=body)
+
+    _retrying(f"uploading {path}", put, policy)
+
+
 def list_objects(prefix: str, policy: RetryPolicy = RetryPolicy()) -> List[str]:
     """Keys (full s3:// URLs) under the s3:// `prefix` folder."""
     bucket, key = split_s3(prefix)

@@ -106,6 +106,13 @@ def _master_and_states(engine, param, keys) -> Dict[str, torch.Tensor]:
     return out
 
 
+def safe_full(param, key: str) -> torch.Tensor:
+    """The full optimizer state `key` of `param` under ZeRO (for tools and benchmarks)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    return safe_get_full_optimizer_state(param, key)
+
+
 def _optimizer_step(engine) -> int:
     opt = engine.optimizer if _optimizer_kind(engine) == "torch" else engine.optimizer.optimizer
     for state in opt.state.values():

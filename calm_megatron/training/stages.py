@@ -82,7 +82,93 @@ class AutoencoderStage:
         save_autoencoder(module, self.cfg, directory)
 
 
-STAGES = {"ae": AutoencoderStage}
+def _dp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group()
+
+
+class CALMStage:
+    """Stage 2: the energy Transformer over a frozen stage-1 autoencoder."""
+
+    name = "calm"
+
+    def __init__(self, cfg: C.Config):
+        self.cfg = cfg
+
+    def load_autoencoder(self):
+        """The frozen AE from `model.autoencoder_checkpoint`, at this run's TP size."""
+        from calm_megatron.models.autoencoder import build_autoencoder
+        from calm_megatron.models.calm import check_autoencoder_compatible
+        from calm_megatron.training import checkpoint
+
+        ae_cfg, tensors, step = checkpoint.load_autoencoder_weights(self.cfg.model.autoencoder_checkpoint)
+        check_autoencoder_compatible(self.cfg.model, ae_cfg)
+        autoencoder = build_autoencoder(ae_cfg, precision=self.cfg.train.precision)
+        checkpoint.load_full_state_dict(autoencoder, tensors, str(step))
+        return autoencoder
+
+    def build(self) -> torch.nn.Module:
+        from calm_megatron.models.calm import build_calm
+
+        return build_calm(self.cfg.model, self.load_autoencoder(), precision=self.cfg.train.precision,
+                          parallel=self.cfg.parallel)
+
+    def no_decay(self, name, param) -> bool:
+        from calm_megatron.models.backbone import no_weight_decay
+
+        return no_weight_decay(name, param)
+
+    def count_params(self, module) -> Dict[str, int]:
+        from calm_megatron.models.calm import count_parameters_calm
+
+        return {"calm_params": count_parameters_calm(self.cfg.model).total_excluding_autoencoder}
+
+    def train_metrics(self, module, output, tokens) -> Dict[str, float]:
+        return {}
+
+    @torch.no_grad()
+    def evaluate(self, module, batches: Iterable[torch.Tensor]) -> Dict[str, float]:
+        from calm_megatron.metrics.evaluate import calm_brierlm
+
+        was_training = module.training
+        module.eval()
+        result = calm_brierlm(module, batches, _dp_group())
+        module.train(was_training)
+        return result
+
+    def export(self, module, directory: Path) -> None:
+        return None
+
+
+class ARStage(CALMStage):
+    """Stage 2 baseline: the autoregressive Transformer on the same backbone."""
+
+    name = "ar"
+
+    def build(self) -> torch.nn.Module:
+        from calm_megatron.models.ar import build_ar
+
+        return build_ar(self.cfg.model, precision=self.cfg.train.precision, parallel=self.cfg.parallel)
+
+    def count_params(self, module) -> Dict[str, int]:
+        from calm_megatron.models.ar import count_parameters_ar
+
+        return {"ar_params": count_parameters_ar(self.cfg.model).total}
+
+    @torch.no_grad()
+    def evaluate(self, module, batches: Iterable[torch.Tensor]) -> Dict[str, float]:
+        from calm_megatron.metrics.evaluate import ar_brierlm
+
+        was_training = module.training
+        module.eval()
+        generator = torch.Generator(device=next(module.parameters()).device).manual_seed(self.cfg.run.seed)
+        result = ar_brierlm(module, batches, _dp_group(), generator=generator)
+        module.train(was_training)
+        return result
+
+
+STAGES = {"ae": AutoencoderStage, "calm": CALMStage, "ar": ARStage}
 
 
 def stage_for(cfg: C.Config):

@@ -125,9 +125,13 @@ class Trainer:
                                      lambda output, tokens: self.stage.train_metrics(module, output, tokens))
 
     def evaluate(self) -> Dict[str, float]:
+        """Held-out metrics, drawn from a private RNG so that training's random streams are untouched."""
         if not self.cfg.data.valid:
             return {}
-        return self.stage.evaluate(self.engine.module, eval_batches(self.cfg, self.layout))
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.run.seed + 1)
+            return self.stage.evaluate(self.engine.module, eval_batches(self.cfg, self.layout))
 
     def trainer_state(self) -> dict:
         loader = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
@@ -149,6 +153,10 @@ class Trainer:
         cfg = self.cfg
         monitor = monitor_lib.Monitor(cfg, self.layout.rank, self.tokens_per_step, start_step=self.step)
         stop = StopRequest(cfg.train.exit_after_minutes)
+        self.initial_eval: Dict[str, float] = {}
+        if cfg.train.eval_at_start and self.step == 0:
+            self.initial_eval = self.evaluate()
+            monitor.event(0, self.initial_eval, "eval")
         try:
             while self.step < cfg.train.steps:
                 result = self.train_step()
@@ -177,10 +185,12 @@ class Trainer:
         monitor.event(self.step, last_eval, "eval")
         saved = self.save()
         log.info("checkpoint: %s | memory: %s", saved, monitor_lib.memory_summary())
-        summary = {"stage": cfg.run.stage, "steps": self.step, "final_loss": self.losses.get(self.step),
+        summary = {"stage": cfg.run.stage, "steps": self.step, "first_loss": self.losses.get(1),
+                   "final_loss": self.losses.get(self.step),
                    "tokens_seen": self.step * self.tokens_per_step,
                    "train_wall_seconds": round(monitor.elapsed(), 2), "checkpoint": str(saved),
-                   "preempted": False, **self.params, **last_eval}
+                   "preempted": False, **self.params, **last_eval,
+                   **{f"{k}_at_init": v for k, v in self.initial_eval.items()}}
         monitor.close()
         if self.layout.rank == 0:
             out = Path(cfg.out_dir)

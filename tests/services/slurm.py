@@ -126,9 +126,10 @@ class SlurmCluster:
     # -- environment ----------------------------------------------------------------------------
     def env(self, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
         """The environment for Slurm commands and jobs of this cluster."""
-        env = dict(os.environ, SLURM_CONF=str(self.conf), **{MARKER: str(self.root)})
-        for key in ("SLURM_JOB_ID", "SLURM_JOBID", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_NTASKS"):
-            env.pop(key, None)
+        # Nothing of an enclosing Slurm job (CI inside an allocation) or of a user's sbatch defaults leaks in.
+        env = {key: value for key, value in os.environ.items()
+               if not key.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
+        env.update(SLURM_CONF=str(self.conf), **{MARKER: str(self.root)})
         env.update(extra or {})
         return env
 
