@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import pytest
 
@@ -36,12 +36,12 @@ def write_config(tmp_path: Path, stage: str = "ae") -> Path:
 
 
 def submit_train(cluster, tmp_path: Path, name: str, args: List[str], ntasks: int = 2,
-                 fake: bool = True) -> tuple:
+                 fake: bool = True, sbatch_args: Sequence[str] = ()) -> tuple:
     """sbatch train.sbatch ARGS with the log in tmp_path; returns (job id, log path)."""
     log = tmp_path / f"{name}.out"
     env = {"CALM_TRAIN_CMD": FAKE_CMD} if fake else {}
-    job = cluster.sbatch([f"--job-name={name}", f"--ntasks={ntasks}", f"--output={log}", str(SBATCH), *args],
-                         env_extra=env, cwd=tmp_path)
+    job = cluster.sbatch([f"--job-name={name}", f"--ntasks={ntasks}", f"--output={log}", *sbatch_args,
+                          str(SBATCH), *args], env_extra=env, cwd=tmp_path)
     return job, log
 
 
@@ -146,22 +146,43 @@ def test_exit_75_requeues_once_then_completes(slurm_cluster, tmp_path):
 
 
 # ---- (d) USR1 / TERM to the batch shell -> every rank -> 75 -> requeue ----------------------------
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(180)
 def test_usr1_and_term_reach_every_rank_and_requeue(slurm_cluster, tmp_path):
+    """Run 0 stops on USR1, run 1 on TERM (both caught: save, exit 75); run 2 is killed by USR1 before it
+    could catch it (a trainer still starting up) and is requeued as well; run 3 completes."""
     config, out = write_config(tmp_path), tmp_path / "out"
     job, log = submit_train(slurm_cluster, tmp_path, "signals",
-                            [str(config), f"run.out_dir={out}", "fake.plan=signal,signal,0"])
-    for restart, sig in ((0, "USR1"), (1, "TERM")):
+                            [str(config), f"run.out_dir={out}", "fake.plan=signal,signal,nohandler,0"])
+    for restart, sig in ((0, "USR1"), (1, "TERM"), (2, "USR1")):
         wait_files([out / f"ready-r{restart}-rank{r}" for r in (0, 1)], 60, f"run {restart} ready",
                    slurm_cluster, job)
         slurm_cluster.run(["scancel", "--signal", sig, "--batch", str(job)])
-    info = slurm_cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=90)
+    info = slurm_cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=100)
     text = read(log)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "2", (info, text)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "3", (info, text)
     got = [(e["restart"], e["rank"], e["signal"]) for e in events(out) if e["event"] == "signal"]
     assert got == [(0, 0, "USR1"), (0, 1, "USR1"), (1, 0, "TERM"), (1, 1, "TERM")], got
     assert "got SIGUSR1: forwarding" in text and "got SIGTERM: forwarding" in text, text
-    assert text.count(f"scontrol requeue {job}") == 2 and "restart 2 (SLURM_RESTART_COUNT=2)" in text, text
+    assert "killed by the forwarded SIGUSR1 before they could catch it (exit 138)" in text, text
+    assert text.count(f"scontrol requeue {job}") == 3 and "restart 3 (SLURM_RESTART_COUNT=3)" in text, text
+
+
+@pytest.mark.timeout(90)
+def test_scancel_stays_cancelled_although_the_trainer_exits_75(slurm_cluster, tmp_path):
+    config, out = write_config(tmp_path), tmp_path / "out"
+    job, log = submit_train(slurm_cluster, tmp_path, "cancel", [str(config), f"run.out_dir={out}", "fake.plan=signal,0"])
+    wait_files([out / f"ready-r0-rank{r}" for r in (0, 1)], 60, "ready", slurm_cluster, job)
+    slurm_cluster.run(["scancel", str(job)])
+    info = slurm_cluster.wait_state(job, {"CANCELLED", "COMPLETED", "FAILED", "PENDING"}, timeout=30)
+    deadline = time.time() + 20  # the batch shell logs its decision within KillWait (5 s here)
+    while "not requeued" not in read(log) and time.time() < deadline:
+        time.sleep(0.2)
+    text = read(log)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", (info, text)
+    assert [e["signal"] for e in events(out) if e["event"] == "signal"] == ["TERM", "TERM"]  # saved, exit 75
+    assert "not requeued" in text and "scontrol requeue" not in text, text
+    time.sleep(3)
+    assert slurm_cluster.job(job)["JobState"] == "CANCELLED"
 
 
 # ---- (e) submit.py, without Slurm -----------------------------------------------------------------
@@ -253,6 +274,21 @@ def test_failed_stage_one_cancels_stage_two(slurm_cluster, tmp_path):
     assert time.time() - failed_at < 30
     assert "training failed (exit 1): not requeued" in read(logs / f"dep-ae-{ids['ae']}.out")
     assert not (tmp_path / "calm").exists()  # stage 2 never ran
+
+
+# ---- slow: the time limit ------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_time_limit_signal_requeues_and_the_next_run_completes(slurm_cluster, tmp_path):
+    """--time=1 with --signal=B:USR1@20: Slurm's own lead-time signal (it may come up to a minute early,
+    even before the trainer catches signals: requeued either way) -> requeue -> the next run completes."""
+    config, out = write_config(tmp_path), tmp_path / "out"
+    job, log = submit_train(slurm_cluster, tmp_path, "timelimit", [str(config), f"run.out_dir={out}",
+                            "fake.plan=signal,0", "fake.timeout=100"], sbatch_args=["--time=1", "--signal=B:USR1@20"])
+    info = slurm_cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=200, poll=1)
+    text = read(log)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, text)
+    assert "got SIGUSR1: forwarding" in text and f"scontrol requeue {job}" in text, text
 
 
 # ---- slow: real training --------------------------------------------------------------------------

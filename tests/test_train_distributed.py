@@ -52,6 +52,9 @@ def test_two_rank_zero_equals_one_rank(runs, opt, zero):
 
 
 def test_training_moves(runs):
+    """The compared runs really train (equal numbers from a frozen model would prove nothing)."""
     one, _ = runs
-    ref = one["sgd_zero0_micro4"]
-    assert ref["loss"][-1] < ref["loss"][0] and all(g > 0 for g in ref["grad_norm"])
+    adamw, sgd = one["adamw_zero0_micro4"], one["sgd_zero0_micro4"]
+    assert adamw["loss"][-1] < adamw["loss"][0] - 0.01
+    assert all(g > 0 for g in adamw["grad_norm"] + sgd["grad_norm"])
+    assert len(set(sgd["loss"])) == len(sgd["loss"])

@@ -10,6 +10,8 @@ process per rank under srun. It reads only these overrides (the others are recor
                          signal      install USR1/TERM handlers, write ready-r<i>-rank<R>, wait for a
                                      signal (at most fake.timeout seconds, then exit 1), record it
                                      and exit 75, as the trainer does after its checkpoint
+                         nohandler   like signal, but with the default handlers: a signal kills it, as
+                                     it kills a trainer that is still starting up
   fake.timeout=S       default 120
 """
 from __future__ import annotations
@@ -47,7 +49,10 @@ def main(argv) -> int:
 
     record("start", config=config, argv=argv, cwd=os.getcwd(),
            env={key: os.environ.get(key) for key in CONTRACT_ENV})
-    if action == "signal":
+    if action == "nohandler":
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if action in ("signal", "nohandler"):
         (out / f"ready-r{restart}-rank{rank}").write_text(str(os.getpid()))
         deadline = time.time() + timeout
         while not received and time.time() < deadline:
