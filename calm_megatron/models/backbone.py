@@ -282,16 +282,23 @@ class Backbone(MegatronModule):
         return -(-seq_len // tp) * tp
 
     def forward(self, hidden_states: Optional[torch.Tensor], seq_len: Optional[int] = None,
-                position_offset: int = 0) -> torch.Tensor:
+                position_offset: int = 0, inference_context=None) -> torch.Tensor:
         """Run the layers: ``[s, b, d]`` in on the first stage, ``[s, b, d]`` out on the last.
 
         ``seq_len`` (default: the input's length) is s. Under sequence parallelism the first stage
         zero-pads the sequence to a multiple of TP and scatters it (causal attention keeps the
         padding from touching real positions), and the last stage gathers it and drops the
         padding; between stages tensors are ``[padded s / tp, b, d]``.
+
+        ``inference_context``: a Megatron-Core ``StaticInferenceContext`` (KV cache, generation).
+        The input is then positions ``offset .. offset+s-1`` with offset its ``sequence_len_offset``
+        (which the caller advances by s after the call, as Megatron's generation loop does); their
+        keys/values are appended to the cache and the queries attend to every cached position.
         """
         if seq_len is None:
             seq_len = hidden_states.size(0)
+        if inference_context is not None:
+            return self._forward_cached(hidden_states, seq_len, inference_context)
         padded = self.padded_length(seq_len)
         sequence_parallel = self.config.sequence_parallel
         if self.pre_process and sequence_parallel:
@@ -305,6 +312,29 @@ class Backbone(MegatronModule):
             out = tensor_parallel.gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
             out = out[:seq_len]
         return out
+
+    def _forward_cached(self, hidden_states: torch.Tensor, seq_len: int, inference_context) -> torch.Tensor:
+        """One KV-cached step through Megatron's static-batching inference path (no sequence parallel).
+
+        RoPE covers the context's whole length; Megatron's attention slices the rows of the new
+        queries and of all cached keys. A first step (offset 0) is causal; later steps are what
+        Megatron calls ``no_mask``, which is exact for one new position, so a later step of several
+        positions gets an explicit causal mask over (cached + new) keys.
+        """
+        if self.config.sequence_parallel or self.config.context_parallel_size != 1:
+            raise ValueError("KV-cached inference runs without sequence or context parallelism")
+        start = inference_context.sequence_len_offset
+        if start + seq_len > inference_context.max_sequence_length:
+            raise ValueError(f"KV cache holds {inference_context.max_sequence_length} positions; "
+                             f"{start} cached + {seq_len} new do not fit")
+        rotary = self.rotary_pos_emb(inference_context.max_sequence_length)
+        mask = None
+        if start > 0 and seq_len > 1:
+            device = rotary.device if hidden_states is None else hidden_states.device
+            query_pos = torch.arange(start, start + seq_len, device=device)[:, None]
+            mask = (torch.arange(start + seq_len, device=device)[None, :] > query_pos)[None, None]
+        return self.decoder(hidden_states, attention_mask=mask, rotary_pos_emb=rotary,
+                            inference_context=inference_context)
 
 
 def build_backbone(config: TransformerConfig, rope_theta: float, pre_process: Optional[bool] = None,
