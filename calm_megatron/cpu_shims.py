@@ -65,4 +65,39 @@ def apply() -> None:
     # tensor_parallel.random.get_cuda_rng_tracker / model_parallel_cuda_manual_seed: the tracker.
     mrandom._CUDA_RNG_STATE_TRACKER = _cpu_rng_tracker_class()()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _apply_schedule_shims()
     _APPLIED = True
+
+
+class _CpuDeviceTorch:
+    """The `torch` module as seen by one Megatron-Core module, with `device="cuda"` routed to the CPU.
+
+    Every attribute is torch's own; only the factory functions that Megatron calls with a
+    hard-coded `device="cuda"` are wrapped.
+    """
+
+    _FACTORIES = ("zeros", "ones", "empty", "tensor", "full")
+
+    def __getattr__(self, name):
+        value = getattr(torch, name)
+        if name in self._FACTORIES:
+            def factory(*args, device=None, **kwargs):
+                if device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda"):
+                    device = "cpu"
+                return value(*args, device=device, **kwargs)
+            return factory
+        return value
+
+
+def _apply_schedule_shims() -> None:
+    """Pipeline schedules on CPU.
+
+    pipeline_parallel.schedules: `forward_backward_no_pipelining`,
+    `forward_backward_pipelining_without_interleaving` and `..._with_interleaving` build
+    `total_num_tokens = torch.zeros([], dtype=torch.int, device="cuda")`; the module's `torch` is
+    replaced by a view that puts such tensors on the CPU (p2p_communication already goes through
+    the patched `torch.cuda.current_device`, and `torch.cuda.synchronize` is a no-op above).
+    """
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _CpuDeviceTorch()

@@ -49,6 +49,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Validate, initialise the parallel runtime, train, tear down. Returns the process exit code."""
     args = parse_args(argv)
     from calm_megatron import distributed
+    from calm_megatron.training import preemption
+
+    preemption.install_handlers()  # before any slow start-up work: a signal then is not lost
 
     env = distributed.launch_env()
     try:

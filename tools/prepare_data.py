@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--text-key", default="text", help="jsonl field holding the text (default: text)")
     parser.add_argument("--txt-mode", default="file", choices=TXT_MODES,
                         help="plain text: one document per file (default) or per blank-line paragraph")
-    parser.add_argument("--shard-mb", type=int, default=64, help="uncompressed shard size limit in MB")
+    parser.add_argument("--shard-mb", type=float, default=64,
+                        help="uncompressed shard size limit in MB (default 64)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder or prefix")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
     try:
         index = write_shards(args.input, args.tokenizer, args.out, args.packing, args.seq_len,
                              chunk_size=args.chunk_size, workers=args.workers, text_key=args.text_key,
-                             txt_mode=args.txt_mode, size_limit=args.shard_mb << 20, overwrite=args.overwrite,
+                             txt_mode=args.txt_mode, size_limit=max(1, int(args.shard_mb * (1 << 20))),
+                             overwrite=args.overwrite,
                              progress=not args.no_progress)
     except DataLoaderError as err:  # the store: unreachable, denied, missing bucket (names the endpoint)
         print(f"error: {err}", file=sys.stderr)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import threading
 import time
@@ -48,6 +49,18 @@ from calm_megatron.data.streams import (CacheDir, StreamSpec, first_error, make_
                                         refresh_index, release_stale_shared_memory)
 
 STATE_KEY = "calm_data"  # our entry in the loader state: the fingerprint of the data it was taken over
+
+
+class _DropReportedFailures(logging.Filter):
+    """Streaming re-raises a download thread's exception inside a future's callback, which concurrent.futures
+    logs as a traceback; ours are recorded and raised in the main thread with a clear message instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], DataLoaderError))
+
+
+if not any(isinstance(f, _DropReportedFailures) for f in logging.getLogger("concurrent.futures").filters):
+    logging.getLogger("concurrent.futures").addFilter(_DropReportedFailures())
 
 
 def collate_tokens(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -121,7 +134,9 @@ class TrainLoader:
         self.layout = layout or readers.discover(dp_rank, dp_size, reads=True)
         self.batch_size, self.dp_size, self.timeout_s = batch_size, dp_size, float(timeout_s)
         self.num_workers = num_workers
-        self.policy = storage.RetryPolicy(attempts=max(1, download_retry), timeout_s=min(float(timeout_s), 60.0))
+        # One request may take at most half the batch timeout, so a hung store is noticed in time.
+        self.policy = storage.RetryPolicy(attempts=max(1, download_retry),
+                                          timeout_s=max(1.0, min(float(timeout_s) / 2, 60.0)))
         self.indexes = [read_shard_index(s.path) for s in self.specs]
         check_streams_agree([s.path for s in self.specs], self.indexes)
         self.index = self.indexes[0]
@@ -183,6 +198,10 @@ class TrainLoader:
     # ------------------------------------------------------------ iterating
 
     def _stop_streaming(self) -> None:
+        """Give up on this epoch: stop Streaming's sample loop and its downloads' pending retries."""
+        for stream in getattr(self.dataset, "streams", []):
+            if hasattr(stream, "cancel"):
+                stream.cancel.set()
         event = getattr(self.dataset, "_event", None)
         if event is not None:
             event.set()

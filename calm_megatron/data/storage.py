@@ -152,21 +152,31 @@ def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:400]}"
 
 
-def _retrying(what: str, fn: Callable[[], T], policy: RetryPolicy, remote: bool = True) -> T:
-    """fn() with the retry policy; a `DataStorageError` naming `what` and the endpoint when it keeps failing."""
+def _retrying(what: str, fn: Callable[[], T], policy: RetryPolicy, remote: bool = True,
+              cancel: Optional[threading.Event] = None) -> T:
+    """fn() with the retry policy; a `DataStorageError` naming `what` and the endpoint when it keeps failing.
+    Setting `cancel` ends the retries at the next attempt (the loader gave up waiting)."""
     start = time.monotonic()
     where = f" at endpoint {endpoint()}" if remote else ""
     attempts = max(1, policy.attempts)
+    last = ""
     for attempt in range(attempts):
+        if cancel is not None and cancel.is_set() and attempt:
+            raise DataStorageError(f"{what}: abandoned after {attempt} failed attempt(s) over "
+                                   f"{time.monotonic() - start:.1f} s{where} (the loader timed out); "
+                                   f"last error: {last}")
         try:
             return fn()
         except Exception as err:  # noqa: BLE001 - classified below, re-raised as DataStorageError
-            kind = _classify(err)
+            kind, last = _classify(err), _short(err)
             if kind == "bug":
                 raise
             final = attempt + 1 >= attempts or kind == "fatal" or (kind in ("missing", "denied") and attempt >= 1)
             if not final:
-                time.sleep(policy.backoff(attempt))
+                if cancel is not None:
+                    cancel.wait(policy.backoff(attempt))
+                else:
+                    time.sleep(policy.backoff(attempt))
                 continue
             elapsed = time.monotonic() - start
             if kind == "missing":
@@ -208,7 +218,8 @@ def exists(path: str, policy: RetryPolicy = RetryPolicy()) -> bool:
         return False
 
 
-def download(path: str, local: str, policy: RetryPolicy = RetryPolicy()) -> None:
+def download(path: str, local: str, policy: RetryPolicy = RetryPolicy(),
+             cancel: Optional[threading.Event] = None) -> None:
     """Copy a local file or an s3:// object to `local`, atomically (a temporary name, then a rename)."""
     os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
     tmp = f"{local}.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -230,7 +241,7 @@ def download(path: str, local: str, policy: RetryPolicy = RetryPolicy()) -> None
 
     if is_remote(path):
         check_supported(path)
-    _retrying(f"downloading {path}", fetch, policy, remote=is_remote(path))
+    _retrying(f"downloading {path}", fetch, policy, remote=is_remote(path), cancel=cancel)
 
 
 def write_bytes(path: str, data: bytes, policy: RetryPolicy = RetryPolicy()) -> None:

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -62,11 +63,15 @@ def record_error(log_path: str, err: BaseException) -> None:
     """Append one failure to the error log (safe from threads and processes: one O_APPEND write per line)."""
     line = json.dumps({"type": type(err).__name__, "resumable": getattr(err, "resumable", True),
                        "message": str(err)}) + "\n"
-    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+    except OSError:  # the loader was closed and its cache removed: nobody is listening any more
+        pass
 
 
 _ERROR_TYPES = {cls.__name__: cls for cls in (DataCorruptionError, DataNotFoundError, DataStorageError,
@@ -101,10 +106,20 @@ def _stream_class():
             super().__init__(remote=remote, local=local, proportion=proportion, download_retry=policy.attempts,
                              download_timeout=policy.timeout_s, validate_hash=HASH, keep_zip=False)
             self.policy, self.error_log = policy, error_log
+            self.cancel = threading.Event()  # set when the loader gives up: pending retries stop
+
+        def __getstate__(self) -> dict:  # DataLoader workers started with spawn get a fresh event
+            state = dict(self.__dict__)
+            state.pop("cancel", None)
+            return state
+
+        def __setstate__(self, state: dict) -> None:
+            self.__dict__.update(state)
+            self.cancel = threading.Event()
 
         def _download_file(self, from_basename: str, to_basename: Optional[str] = None) -> str:
             local = os.path.join(self.local, self.split, to_basename or from_basename)
-            storage.download(storage.join(self.remote, from_basename), local, self.policy)
+            storage.download(storage.join(self.remote, from_basename), local, self.policy, self.cancel)
             return local
 
         def _names(self, shard) -> str:

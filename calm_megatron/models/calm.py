@@ -18,7 +18,7 @@ tensor for the schedule to send on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List, NamedTuple, Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,13 @@ from calm_megatron.models.backbone import (
     vocab_embedding,
     without_sequence_parallel,
 )
-from calm_megatron.models.energy_head import EnergyHead, count_head_parameters, energy_loss
+from calm_megatron.models.energy_head import (
+    EnergyHead,
+    count_head_parameters,
+    energy_loss,
+    seeded_energy_loss,
+    seeded_noise,
+)
 
 __all__ = ["CALM", "CALMOutput", "build_calm", "check_autoencoder_compatible", "count_parameters_calm",
            "no_weight_decay"]
@@ -179,21 +185,31 @@ class CALM(MegatronModule):
 
     # ----------------------------------------------------------- training forward
 
-    def forward(self, tokens: torch.Tensor, noise: Optional[torch.Tensor] = None):
+    def forward(self, tokens: torch.Tensor, noise: Optional[torch.Tensor] = None,
+                sample_seeds: Optional[Sequence[int]] = None):
         """Energy loss of tokens ``[B, T]`` (T = L*K): predict chunks 1..L-1 from chunks before them.
 
         ``noise`` ``[N, B, L-1, noise_size]`` fixes the head's noise (else fresh U(-0.5, 0.5), from the
-        default generator that all TP ranks share). Returns :class:`CALMOutput` on the last pipeline
-        stage and the backbone output ``[s, B, d]`` on the others.
+        default generator that all TP ranks share). ``sample_seeds`` (one int per sample) instead makes
+        the head noise and the posterior draws functions of each sample's seed (the same at every
+        TP/PP/DP layout) and splits the energy loss over TP ranks (see ``seeded_energy_loss``).
+        Returns :class:`CALMOutput` on the last pipeline stage and the backbone output ``[s, B, d]``
+        on the others.
         """
         chunks = self._chunks(tokens)
         h = self._run_backbone(chunks[:, :-1])
         if not self.post_process:
             return h
         h = h.transpose(0, 1)  # [B, L-1, d]
-        samples = self.head(h, self.model_cfg.num_samples, noise)  # [N, B, L-1, l]
-        mu, log_sigma = self.posterior(chunks[:, 1:])  # [B, L-1, l]
         batch, steps = h.shape[:2]
+        cfg = self.model_cfg
+        if sample_seeds is not None and noise is None:
+            noise = seeded_noise(sample_seeds, cfg.num_samples, steps, cfg.noise_size, h.device, h.dtype)
+        samples = self.head(h, cfg.num_samples, noise)  # [N, B, L-1, l]
+        mu, log_sigma = self.posterior(chunks[:, 1:])  # [B, L-1, l]
+        if sample_seeds is not None:
+            per_position = seeded_energy_loss(samples, mu, log_sigma, sample_seeds, cfg.num_targets, cfg.energy_alpha)
+            return CALMOutput(loss=per_position.mean(), per_position_loss=per_position, samples=samples)
         flat_sigma = None if log_sigma is None else log_sigma.reshape(batch * steps, -1)
         per_position = energy_loss(samples.reshape(samples.size(0), batch * steps, -1),
                                    mu.reshape(batch * steps, -1), flat_sigma,

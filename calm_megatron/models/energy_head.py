@@ -202,3 +202,83 @@ def energy_loss(samples: torch.Tensor, mu: torch.Tensor, log_sigma: Optional[tor
         else:
             losses.append(_energy_terms(chunk_samples, chunk_targets, alpha))
     return torch.cat(losses)
+
+
+# --------------------------------------------------------------------------- layout-independent randomness
+
+_MASK64 = (1 << 64) - 1
+
+
+def stream_seed(sample_seed: int, stream: int) -> int:
+    """A generator seed for random stream ``stream`` of one sample (splitmix64 of the pair)."""
+    x = (int(sample_seed) * 0x9E3779B97F4A7C15 + (int(stream) + 1) * 0xD1B54A32D192ED03) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) & ((1 << 63) - 1)
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def seeded_noise(sample_seeds, num_samples: int, steps: int, noise_size: int, device, dtype) -> torch.Tensor:
+    """The head's U(-0.5, 0.5) noise ``[num_samples, B, steps, noise_size]``, a function of each sample's seed.
+
+    Sample b's noise comes from its own generator (stream 0 of ``sample_seeds[b]``), so it is the same
+    whatever micro-batch, data-parallel rank or pipeline stage the sample lands on.
+    """
+    device = torch.device(device)
+    per_sample = [torch.rand(num_samples, steps, noise_size, device=device, dtype=torch.float32,
+                             generator=_generator(device, stream_seed(seed, 0))) - 0.5
+                  for seed in sample_seeds]
+    return torch.stack(per_sample, dim=1).to(dtype)
+
+
+def loss_block(num_samples: int, num_targets: int, latent_size: int,
+               chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> int:
+    """Positions per unit of :func:`seeded_energy_loss` (one chunk of :func:`energy_loss`)."""
+    return max(1, chunk_elements // (num_samples * max(num_targets, num_samples) * latent_size))
+
+
+def seeded_energy_loss(samples: torch.Tensor, mu: torch.Tensor, log_sigma: Optional[torch.Tensor], sample_seeds,
+                       num_targets: int, alpha: float = 1.0,
+                       chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> torch.Tensor:
+    """:func:`energy_loss` per position ``[B, S]`` of samples ``[N, B, S, l]``, split over tensor-parallel ranks.
+
+    The positions are cut into units (one sample, one block of :func:`loss_block` positions); unit
+    (b, k) draws its posterior targets from stream 1+k of ``sample_seeds[b]``, so the draws do not
+    depend on the layout. Each unit is computed by one TP rank only (round robin) and the result is
+    all-reduced: the loss is computed once per position, not once per TP rank. The samples enter
+    through ``copy_to_tensor_model_parallel_region``, whose backward sums the per-rank gradients, so
+    every rank ends with the full gradient of the samples.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import (
+        copy_to_tensor_model_parallel_region,
+        reduce_from_tensor_model_parallel_region,
+    )
+
+    n, batch, steps, latent = samples.shape
+    if len(sample_seeds) != batch:
+        raise ValueError(f"{len(sample_seeds)} sample seeds for a batch of {batch}")
+    tp = parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+    rank = parallel_state.get_tensor_model_parallel_rank() if tp > 1 else 0
+    if tp > 1:
+        samples = copy_to_tensor_model_parallel_region(samples)
+    block = loss_block(n, num_targets, latent, chunk_elements)
+    rows, unit = [], 0
+    for b, seed in enumerate(sample_seeds):
+        pieces = []
+        for start in range(0, steps, block):
+            stop = min(start + block, steps)
+            if unit % tp == rank:
+                sigma = None if log_sigma is None else log_sigma[b, start:stop]
+                gen = _generator(samples.device, stream_seed(seed, 1 + start // block))
+                pieces.append(energy_loss(samples[:, b, start:stop], mu[b, start:stop], sigma, num_targets, alpha,
+                                          generator=gen, chunk_elements=chunk_elements))
+            else:  # zero, but on the graph: every rank's backward must reach the gradient all-reduce
+                pieces.append(samples[:, b, start:stop].sum(dim=(0, 2)).float() * 0.0)
+            unit += 1
+        rows.append(torch.cat(pieces))
+    per_position = torch.stack(rows)
+    return reduce_from_tensor_model_parallel_region(per_position) if tp > 1 else per_position

@@ -31,7 +31,7 @@ TRAIN_STAGES = ("ae", "calm", "ar")
 EPILOG = """\
 examples:
   # autoencoder, then CALM with it, and the baseline alongside, 8 GPUs per node
-  launchers/slurm/submit.py --ae-config configs/ae/k4.yaml --calm-config configs/calm/m.yaml \\
+  launchers/slurm/submit.py --ae-config configs/ae/k4_paper.yaml --calm-config configs/calm/m.yaml \\
       --ar-config configs/ar/m.yaml --sbatch-args "--partition=gpu --account=proj" \\
       --train-sbatch-args "--nodes=2 --ntasks-per-node=8 --gpus-per-node=8 --time=04:00:00"
 
@@ -40,7 +40,7 @@ examples:
 
   # tokenize first (tools/prepare_data.py arguments), print the commands only
   launchers/slurm/submit.py --prepare-args "--input a.jsonl --tokenizer tok.model --out data/x \\
-      --packing ae --chunk-size 4 --seq-len 2048" --ae-config configs/ae/k4.yaml --dry-run
+      --packing ae --chunk-size 4 --seq-len 2048" --ae-config configs/ae/tiny.yaml --dry-run
 
 Options of sbatch: --sbatch-args go to every job, --train-sbatch-args to the training stages,
 --<stage>-sbatch-args to one stage; later ones win. Logs: <logs-dir>/<job name>-<job id>.out.
@@ -143,7 +143,8 @@ def plan(args: argparse.Namespace) -> List[Job]:
     jobs: List[Job] = []
 
     if args.prepare_args:
-        wrap = f"{shlex.quote(default_python())} tools/prepare_data.py {args.prepare_args}"
+        python = shlex.quote(default_python())
+        wrap = " && ".join(f"{python} tools/prepare_data.py {one}" for one in args.prepare_args)
         jobs.append(Job("prepare", [f"--job-name={args.name}-prepare", f"--output={logs}", "--ntasks=1",
                                     *common, *split_args(args.prepare_sbatch_args), f"--wrap={wrap}"], []))
     prepared = ["prepare"] if args.prepare_args else []
@@ -183,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="launchers/slurm/submit.py", description="\n\n".join(__doc__.split("\n\n")[:3]),
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prepare-args", metavar="ARGS",
-                        help="arguments of tools/prepare_data.py: submit a data job that the others wait for")
+    parser.add_argument("--prepare-args", metavar="ARGS", action="append", default=[],
+                        help="arguments of tools/prepare_data.py: submit a data job that the others wait for "
+                             "(repeat it for several runs of the tool in that job, e.g. ae and lm packing)")
     for stage, what in (("ae", "stage 1, the autoencoder"), ("calm", "stage 2, CALM"),
                         ("ar", "the autoregressive baseline")):
         parser.add_argument(f"--{stage}-config", metavar="YAML", help=f"config of {what}")
