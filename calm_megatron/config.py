@@ -435,7 +435,8 @@ def to_deepspeed(cfg: Config, dp: int) -> dict:
     }
     if pipelined:
         ds["train_batch_size"] = cfg.train.micro_batch_size * dp
-        ds["zero_optimization"]["managed_gradient_accumulation"] = False
+        # A top-level key in DeepSpeed 0.19.8 (under zero_optimization it is silently ignored).
+        ds["managed_gradient_accumulation"] = False
     else:
         ds["train_batch_size"] = cfg.train.global_batch_size
     return ds

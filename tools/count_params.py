@@ -19,6 +19,9 @@ import torch
 from calm_megatron.config import Config, load
 
 
+_OWNED_GROUP: list = []  # non-empty once this tool created the process group
+
+
 def _one_rank_megatron_group() -> None:
     """A 1-rank gloo group with Megatron-Core parallel state (its layers need one to be built)."""
     import torch.distributed as dist
@@ -33,6 +36,16 @@ def _one_rank_megatron_group() -> None:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.pop(key, None)
     distributed.init(tp=1, pp=1, init_deepspeed=False)
+    _OWNED_GROUP.append(True)
+
+
+def _teardown_owned_group() -> None:
+    """Destroy the group made here explicitly (avoids sporadic gloo aborts at interpreter exit)."""
+    if _OWNED_GROUP:
+        from calm_megatron import distributed
+
+        distributed.teardown()
+        _OWNED_GROUP.clear()
 
 
 def _numel(model: torch.nn.Module) -> int:
@@ -89,8 +102,11 @@ def main(argv=None) -> int:
         print(f"no parameter counter for run.stage={cfg.run.stage!r} (known: {', '.join(COUNTERS)})",
               file=sys.stderr)
         return 2
-    for key, value in counter(cfg).items():
-        print(f"{key}={value}")
+    try:
+        for key, value in counter(cfg).items():
+            print(f"{key}={value}")
+    finally:
+        _teardown_owned_group()
     return 0
 
 

@@ -49,6 +49,9 @@ from calm_megatron.data.streams import (CacheDir, StreamSpec, first_error, make_
                                         refresh_index, release_stale_shared_memory)
 
 STATE_KEY = "calm_data"  # our entry in the loader state: the fingerprint of the data it was taken over
+# Samples Streaming prepares ahead of the one being read. Its default (8 x batch) makes the sample loop wait on
+# its helper thread's 7 ms naps every few samples: 2.5x fewer samples/s with small blocks.
+DEFAULT_PREDOWNLOAD = 512
 
 
 class _DropReportedFailures(logging.Filter):
@@ -174,6 +177,7 @@ class TrainLoader:
         layout.barrier()
         streams = [make_stream(spec, local, self.policy, self.cache.error_log)
                    for spec, local in zip(self.specs, locals_)]
+        predownload = predownload or max(8 * self.batch_size, DEFAULT_PREDOWNLOAD)
         try:
             with readers.streaming_scope(layout):
                 self.dataset = streaming.StreamingDataset(

@@ -7,7 +7,8 @@ process of the job reads data and that data ranks are global ranks. Under Megatr
 then dp, then pp) neither holds: tensor-parallel peers and pipeline stages of one data-parallel replica must
 read the same samples, and pipeline stages that take no data should not read at all.
 
-So we give Streaming two explicit worlds instead:
+So we give Streaming two explicit worlds instead (and agree on its shared-memory prefix per host, which stock
+Streaming leaves to a race between the processes of a node):
 - the *sample* world (who reads which samples): one node of `dp_size` ranks, this process being `dp_rank`;
   every reader with the same dp_rank gets the same samples, whatever its tp/pp position. One node also
   keeps the sample order independent of the node count, so a resume at another size continues exactly.
@@ -105,6 +106,47 @@ class _ReadersDist:
         return getattr(dist, name)
 
 
+def _agreed_shm_prefix(layout: ReaderLayout):
+    """Streaming's `get_shm_prefix`, made safe with other jobs on the host.
+
+    Stock Streaming lets every process of a node pick the first free shared-memory prefix on its own and trusts
+    that they agree; another job creating or freeing a prefix in between makes them disagree ("shared memory
+    registered does not match local leader"). Here the local leader picks and registers the prefix (retrying
+    when another job takes it first) and tells the readers of its host, over the readers' group."""
+    from streaming.base.constant import LOCALS, SHM_TO_CLEAN
+    from streaming.base.shared import SharedMemory
+    from streaming.base.shared.prefix import _check_and_find_retrying, _check_self, _get_path, _pack_locals, \
+        _unpack_locals
+
+    def get_shm_prefix(streams_local, streams_remote, world, retry: int = 100):
+        _check_self(streams_local)
+        prefix_int, shm = -1, None
+        if layout.is_leader:
+            while shm is None:
+                prefix_int = max(_check_and_find_retrying(streams_local, streams_remote, shm_name=name, retry=retry)
+                                 for name in SHM_TO_CLEAN)
+                data = _pack_locals(streams_local, prefix_int)
+                try:
+                    shm = SharedMemory(_get_path(prefix_int, LOCALS), True, len(data))
+                except FileExistsError:  # another job registered it first: look again
+                    continue
+                shm.buf[:len(data)] = data
+        if layout.distributed:
+            gathered: list = [None] * dist.get_world_size(group=layout.group)
+            dist.all_gather_object(gathered, (layout.host, prefix_int if layout.is_leader else -1),
+                                   group=layout.group)
+            prefix_int = max(p for host, p in gathered if host == layout.host)
+        if not layout.is_leader:
+            shm = SharedMemory(_get_path(prefix_int, LOCALS), False)
+            their_locals, their_prefix = _unpack_locals(bytes(shm.buf))
+            if their_locals != list(streams_local) or their_prefix != prefix_int:
+                raise RuntimeError(f"shared memory prefix {prefix_int} of this host's first data reader holds "
+                                   f"{their_locals}, expected {list(streams_local)}")
+        return prefix_int, shm
+
+    return get_shm_prefix
+
+
 def _streaming_modules() -> list:
     import streaming.base.dataset
     import streaming.base.shared.prefix
@@ -116,7 +158,8 @@ def _streaming_modules() -> list:
 @contextmanager
 def streaming_scope(layout: ReaderLayout) -> Iterator[None]:
     """While Streaming builds a dataset: its env-derived world is this host's readers, its barriers run on the
-    readers' group. Restores the environment and Streaming's modules afterwards."""
+    readers' group, its shared-memory prefix is chosen by the host's leader. Restores the environment and
+    Streaming's modules afterwards."""
     if not layout.reads:
         raise RuntimeError("streaming_scope: this rank does not read data")
     env = {"RANK": str(layout.node_index), "WORLD_SIZE": str(layout.node_readers),
@@ -124,13 +167,17 @@ def streaming_scope(layout: ReaderLayout) -> Iterator[None]:
     saved_env = {key: os.environ.get(key) for key in env}
     modules = _streaming_modules()
     saved_dist = [module.dist for module in modules]
+    dataset_module = modules[0]
+    saved_prefix = dataset_module.get_shm_prefix
     proxy = _ReadersDist(layout)
     os.environ.update(env)
     for module in modules:
         module.dist = proxy
+    dataset_module.get_shm_prefix = _agreed_shm_prefix(layout)
     try:
         yield
     finally:
+        dataset_module.get_shm_prefix = saved_prefix
         for module, original in zip(modules, saved_dist):
             module.dist = original
         for key, value in saved_env.items():

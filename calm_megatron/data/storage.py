@@ -11,8 +11,10 @@ the attempts and the time spent.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import re
 import shutil
 import threading
 import time
@@ -88,6 +90,8 @@ def describe(path: str) -> str:
 
 # ---------------------------------------------------------------- the client and error classes
 
+_CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                    "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_DEFAULT_REGION")
 _clients: dict = {}
 _clients_lock = threading.Lock()
 
@@ -96,7 +100,9 @@ def s3_client(timeout_s: float = 60.0):
     """A boto3 S3 client for this process (clients are thread-safe; a forked child makes its own).
 
     botocore's own retries are off: `_retrying` owns the policy, so the time to an error is bounded."""
-    key = (os.getpid(), os.environ.get("S3_ENDPOINT_URL"), float(timeout_s))
+    # Keyed by a digest of the credential variables (a changed key gets a new client; the key itself is not kept).
+    creds = hashlib.sha256("\0".join(os.environ.get(v, "") for v in _CREDENTIAL_VARS).encode()).hexdigest()
+    key = (os.getpid(), os.environ.get("S3_ENDPOINT_URL"), creds, float(timeout_s))
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
@@ -147,8 +153,12 @@ def _classify(err: BaseException) -> str:
     return "bug"
 
 
+_USERINFO = re.compile(r"(\w+://)[^/@\s\"']+@")
+
+
 def _short(err: BaseException) -> str:
-    text = " ".join(str(err).split())
+    """One line naming the error, with any user:password@ of a URL in it removed."""
+    text = _USERINFO.sub(r"\1", " ".join(str(err).split()))
     return f"{type(err).__name__}: {text[:400]}"
 
 

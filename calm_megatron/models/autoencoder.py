@@ -25,7 +25,6 @@ unpadded model's; at TP=1 nothing is padded.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -91,13 +90,13 @@ def _replicated_linear(in_features: int, out_features: int, std: float, initiali
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
     """The vocabulary rounded up to a multiple of the TP size (Megatron splits it evenly)."""
-    return int(math.ceil(vocab_size / tp)) * tp
+    return -(-vocab_size // tp) * tp
 
 
-def _tp_group_and_size():
+def _tp_group():
     from megatron.core import parallel_state
 
-    return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size()
+    return parallel_state.get_tensor_model_parallel_group()
 
 
 def vocab_parallel_argmax(logits: torch.Tensor, vocab_start: int) -> torch.Tensor:
@@ -108,7 +107,8 @@ def vocab_parallel_argmax(logits: torch.Tensor, vocab_start: int) -> torch.Tenso
     """
     local_max, local_idx = logits.max(dim=-1)
     local_idx = local_idx + vocab_start
-    group, tp = _tp_group_and_size()
+    group = _tp_group()
+    tp = dist.get_world_size(group)
     if tp == 1:
         return local_idx
     maxes = [torch.empty_like(local_max) for _ in range(tp)]
@@ -142,11 +142,14 @@ class SwiGLUMLP(nn.Module):
         super().__init__()
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-        column = dict(config=mp_config, init_method=_normal_init(std), bias=False, gather_output=False)
+        group = _tp_group()
+        column = dict(config=mp_config, init_method=_normal_init(std), bias=False, gather_output=False,
+                      tp_group=group)
         self.gate_proj = ColumnParallelLinear(hidden, intermediate, **column)
         self.up_proj = ColumnParallelLinear(hidden, intermediate, **column)
         self.down_proj = RowParallelLinear(intermediate, hidden, config=mp_config, init_method=_normal_init(std),
-                                           bias=False, input_is_parallel=True, skip_bias_add=False)
+                                           bias=False, input_is_parallel=True, skip_bias_add=False,
+                                           tp_group=group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, hidden] (Megatron's weight-gradient path wants 2-D or 3-D inputs)."""
@@ -186,7 +189,7 @@ class AEEncoder(nn.Module):
         from megatron.core.tensor_parallel import VocabParallelEmbedding
 
         d, K, std = cfg.hidden_size, cfg.chunk_size, cfg.init_std
-        self.embed_tokens = VocabParallelEmbedding(padded_vocab, d, config=mp_config,
+        self.embed_tokens = VocabParallelEmbedding(padded_vocab, d, config=mp_config, tp_group=_tp_group(),
                                                    init_method=_embedding_init(std, cfg.vocab_size))
         self.layers_before_squeeze = _layer_stack(cfg, cfg.num_encoder_layers // 2, mp_config)
         # The squeeze/latent linears are small: replicated on every TP rank, not sharded.
@@ -276,7 +279,7 @@ class Autoencoder(nn.Module):
         lead = z.shape[:-1]
         h = self.decoder(z.reshape(-1, z.shape[-1]).to(self.output_weight.dtype))
         # As Megatron's parallel_lm_logits: h is replicated; its gradient is summed over TP ranks.
-        logits = F.linear(copy_to_tensor_model_parallel_region(h), self.output_weight)
+        logits = F.linear(copy_to_tensor_model_parallel_region(h, group=_tp_group()), self.output_weight)
         if self.num_padded_local:
             logits = logits.masked_fill(self._padding_mask(logits.device), float("-inf"))
         return logits.reshape(*lead, self.ae_config.chunk_size, -1)

@@ -72,6 +72,63 @@ def _partition_dim(param: torch.Tensor) -> int:
     return param.partition_dim if getattr(param, "tensor_model_parallel", False) and tp > 1 else -1
 
 
+def glu_parameter_names(module: torch.nn.Module) -> set:
+    """Names of the gated (SwiGLU) `linear_fc1` weights of Megatron MLPs.
+
+    Each TP shard of such a weight is [gates of the shard; ups of the shard], so the full (TP=1)
+    tensor is [all gates; all ups]: shards are regrouped, not concatenated (platform notes).
+    """
+    from megatron.core.transformer.mlp import MLP
+
+    names = set()
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, MLP) and getattr(sub.config, "gated_linear_unit", False):
+            for pname, param in sub.linear_fc1.named_parameters():
+                if getattr(param, "tensor_model_parallel", False) and getattr(param, "partition_dim", -1) == 0:
+                    names.add(f"{prefix}.linear_fc1.{pname}" if prefix else f"linear_fc1.{pname}")
+    return names
+
+
+def global_names(module: torch.nn.Module) -> Dict[str, str]:
+    """Module-local parameter/buffer names -> stage-independent names.
+
+    Megatron numbers the layers of a TransformerBlock per pipeline stage (`layers.0` on every
+    stage); checkpoints use the global layer index (`layer_number - 1`), so that a step saved at
+    one pipeline size loads at another.
+    """
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    offsets = {}
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, TransformerBlock) and len(sub.layers) and sub.layers[0].layer_number > 1:
+            offsets[f"{prefix}.layers." if prefix else "layers."] = sub.layers[0].layer_number - 1
+    mapping = {}
+    for name, _ in list(module.named_parameters()) + list(module.named_buffers()):
+        mapping[name] = name
+        for prefix, offset in offsets.items():
+            if name.startswith(prefix):
+                index, rest = name[len(prefix):].split(".", 1)
+                mapping[name] = f"{prefix}{int(index) + offset}.{rest}"
+    return mapping
+
+
+def _split_tp(full: torch.Tensor, dim: int, glu: bool) -> List[torch.Tensor]:
+    """The TP shards of a full tensor (GLU weights: each shard takes its slice of gates and of ups)."""
+    tp, _ = _tp_info()
+    if not glu:
+        return list(full.chunk(tp, dim=dim))
+    gates, ups = full.chunk(2, dim=dim)
+    return [torch.cat(pair, dim=dim) for pair in zip(gates.chunk(tp, dim=dim), ups.chunk(tp, dim=dim))]
+
+
+def _join_tp(parts: List[torch.Tensor], dim: int, glu: bool) -> torch.Tensor:
+    """The full tensor from its TP shards (inverse of :func:`_split_tp`)."""
+    if not glu:
+        return torch.cat(parts, dim=dim)
+    halves = [part.chunk(2, dim=dim) for part in parts]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+
+
 # --------------------------------------------------------------------------- model + optimizer state
 
 def _optimizer_kind(engine) -> str:
@@ -148,14 +205,16 @@ def save_model_shard(engine, cfg: C.Config, directory: Path, layout) -> None:
     _relink_optimizer_fragments(engine)
     tensors: Dict[str, torch.Tensor] = {}
     meta: Dict[str, dict] = {}
-    for name, param in engine.module.named_parameters():
+    names, glu = global_names(engine.module), glu_parameter_names(engine.module)
+    for local, param in engine.module.named_parameters():
+        name = names[local]
         for kind, value in _master_and_states(engine, param, keys).items():
             tensors[f"{kind}/{name}"] = value.detach().cpu().contiguous()
         meta[name] = {"partition_dim": _partition_dim(param), "shape": list(param.shape),
-                      "trainable": bool(param.requires_grad)}
-    for name, buf in engine.module.named_buffers():
-        if buf is not None and not name.endswith("_extra_state"):
-            tensors[f"buffer/{name}"] = buf.detach().cpu().contiguous()
+                      "trainable": bool(param.requires_grad), "glu": local in glu}
+    for local, buf in engine.module.named_buffers():
+        if buf is not None and not local.endswith("_extra_state"):
+            tensors[f"buffer/{names[local]}"] = buf.detach().cpu().contiguous()
     if layout.dp_rank == 0:
         stem = directory / "model" / f"tp{layout.tp_rank:02d}_pp{layout.pp_rank:02d}"
         stem.parent.mkdir(parents=True, exist_ok=True)
@@ -164,31 +223,99 @@ def save_model_shard(engine, cfg: C.Config, directory: Path, layout) -> None:
                                                          "optimizer_step": _optimizer_step(engine)}))
 
 
-def _read_stage_shards(directory: Path, pp_rank: int) -> Tuple[List[Dict[str, torch.Tensor]], dict]:
-    from safetensors.torch import load_file
+class _ModelShards:
+    """The model shards of one step, every pipeline stage, read lazily (one tensor at a time).
 
-    metas = sorted((directory / "model").glob(f"tp*_pp{pp_rank:02d}.json"))
-    if not metas:
-        raise CheckpointError(f"{directory}: no model shards for pipeline stage {pp_rank}")
-    meta = json.loads(metas[0].read_text())
-    if len(metas) != meta["tp"]:
-        raise CheckpointError(f"{directory}: {len(metas)} of {meta['tp']} tensor-parallel shards present")
-    shards = [load_file(str(m.with_suffix(".safetensors"))) for m in metas]
-    return shards, meta
+    Tensors are addressed by stage-independent name (see :func:`global_names`), so a rank finds
+    its parameters whatever the pipeline size of the saving run was.
+    """
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        metas = sorted((directory / "model").glob("tp*_pp*.json"))
+        if not metas:
+            raise CheckpointError(f"{directory}: no model shards")
+        stages: Dict[int, List[Path]] = {}
+        for path in metas:
+            stages.setdefault(int(path.stem.split("_pp")[1]), []).append(path)
+        self.params: Dict[str, dict] = {}
+        self.files: Dict[str, list] = {}
+        self.optimizer_step = 0
+        for stage, paths in sorted(stages.items()):
+            meta = json.loads(paths[0].read_text())
+            if len(paths) != meta["tp"]:
+                raise CheckpointError(f"{directory}: {len(paths)} of {meta['tp']} tensor-parallel shards "
+                                      f"present for pipeline stage {stage}")
+            handles = [safe_open(str(p.with_suffix(".safetensors")), framework="pt") for p in paths]
+            self.optimizer_step = max(self.optimizer_step, meta.get("optimizer_step", 0))
+            for name, entry in meta["params"].items():
+                self.params[name] = entry
+                self.files[name] = handles
+            for key in handles[0].keys():
+                if key.startswith("buffer/"):
+                    self.files.setdefault(key, handles)
+        self.stages = sorted(stages)
+
+    def has(self, key: str, name: str) -> bool:
+        handles = self.files.get(name) or self.files.get(f"buffer/{name}")
+        return bool(handles) and f"{key}/{name}" in handles[0].keys()
+
+    def full(self, key: str, name: str) -> torch.Tensor:
+        """The full (TP-joined) tensor `key/name` (key: model, an optimizer state, or buffer)."""
+        if key == "buffer":
+            return self.files[f"buffer/{name}"][0].get_tensor(f"buffer/{name}")
+        entry, handles = self.params[name], self.files[name]
+        parts = [h.get_tensor(f"{key}/{name}") for h in handles]
+        if entry["partition_dim"] < 0 or len(parts) == 1:
+            return parts[0]
+        return _join_tp(parts, entry["partition_dim"], entry.get("glu", False))
 
 
-def _full_tensor(shards, meta, key: str, name: str) -> torch.Tensor:
-    dim = meta["params"][name]["partition_dim"]
-    if dim < 0 or len(shards) == 1:
-        return shards[0][key]
-    return torch.cat([shard[key] for shard in shards], dim=dim)
+# Vocabulary tables are padded to a multiple of TP with zero rows at the end (128257 -> 128258 at
+# TP=2): between TP sizes the padding differs by less than the larger TP size.
+MAX_VOCAB_PADDING = 64
 
 
-def _my_slice(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+def _fit_vocab_padding(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Zero-pad or cut the trailing padding rows of a vocab-parallel table to this TP size's padding."""
+    tp, _ = _tp_info()
+    dim = getattr(param, "partition_dim", -1)
+    if not getattr(param, "tensor_model_parallel", False) or dim < 0:
+        return full
+    rows = param.shape[dim] * tp
+    diff = rows - full.shape[dim]
+    if diff == 0 or abs(diff) >= MAX_VOCAB_PADDING:
+        return full  # equal, or not a padding difference: the caller's shape check reports it
+    if diff < 0:
+        cut = full.narrow(dim, rows, -diff)
+        if cut.abs().max() != 0:
+            return full  # real rows, not padding
+        return full.narrow(dim, 0, rows)
+    pad_shape = list(full.shape)
+    pad_shape[dim] = diff
+    return torch.cat([full, full.new_zeros(pad_shape)], dim=dim)
+
+
+def _my_slice(full: torch.Tensor, param: torch.Tensor, glu: bool = False) -> torch.Tensor:
     tp, rank = _tp_info()
+    full = _fit_vocab_padding(full, param)
     if getattr(param, "tensor_model_parallel", False) and tp > 1:
-        full = full.chunk(tp, dim=param.partition_dim)[rank]
+        full = _split_tp(full, param.partition_dim, glu)[rank]
     return full
+
+
+def _check_names(directory: Path, shards: "_ModelShards", own: Dict[str, str]) -> None:
+    """Every parameter of this stage is in the step, and every parameter of the step is on some stage."""
+    from megatron.core import parallel_state as ps
+
+    missing = sorted(set(own.values()) - set(shards.params))
+    stage_names = [None] * dist.get_world_size(ps.get_pipeline_model_parallel_group())
+    dist.all_gather_object(stage_names, sorted(own.values()), group=ps.get_pipeline_model_parallel_group())
+    extra = sorted(set(shards.params) - set().union(*map(set, stage_names)))
+    if missing or extra:
+        raise CheckpointError(f"{directory}: parameters differ from the model: missing {missing[:4]}, "
+                              f"unexpected {extra[:4]}")
 
 
 def _ensure_optimizer_state(engine, keys, step: int) -> None:
@@ -218,19 +345,18 @@ def load_model_shard(engine, cfg: C.Config, directory: Path, layout, weights_onl
     """Load weights (and optimizer state unless `weights_only`) at this rank's TP/PP/DP layout."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    shards, meta = _read_stage_shards(directory, layout.pp_rank)
+    shards = _ModelShards(directory)
     keys = () if weights_only else _opt_keys(cfg)
+    names, glu = global_names(engine.module), glu_parameter_names(engine.module)
     own = dict(engine.module.named_parameters())
-    if set(own) != set(meta["params"]):
-        missing, extra = sorted(set(own) - set(meta["params"])), sorted(set(meta["params"]) - set(own))
-        raise CheckpointError(f"{directory}: parameters differ from the model: missing {missing[:4]}, "
-                              f"unexpected {extra[:4]}")
+    _check_names(directory, shards, {local: names[local] for local in own})
     if keys:
-        _ensure_optimizer_state(engine, keys, meta["optimizer_step"])
+        _ensure_optimizer_state(engine, keys, shards.optimizer_step)
     kind = _optimizer_kind(engine)
     with torch.no_grad():
-        for name, param in own.items():
-            value = _my_slice(_full_tensor(shards, meta, f"model/{name}", name), param)
+        for local, param in own.items():
+            name = names[local]
+            value = _my_slice(shards.full("model", name), param, local in glu)
             if tuple(value.shape) != tuple(param.shape):
                 raise CheckpointError(f"{directory}: tensor {name} has shape {tuple(value.shape)}, "
                                       f"the model expects {tuple(param.shape)}")
@@ -240,14 +366,14 @@ def load_model_shard(engine, cfg: C.Config, directory: Path, layout, weights_onl
             if kind != "torch":
                 safe_set_full_fp32_param(param, value.to(param.device))
             for key in keys:
-                state = _my_slice(_full_tensor(shards, meta, f"{key}/{name}", name), param)
+                state = _my_slice(shards.full(key, name), param, local in glu)
                 if kind == "torch":
                     engine.optimizer.state[param][key] = state.to(param.device, param.dtype).clone()
                 else:
                     safe_set_full_optimizer_state(param, state.to(param.device), key)
-        for name, buf in engine.module.named_buffers():
-            if buf is not None and f"buffer/{name}" in shards[0]:
-                buf.copy_(shards[0][f"buffer/{name}"])
+        for local, buf in engine.module.named_buffers():
+            if buf is not None and shards.has("buffer", names[local]):
+                buf.copy_(shards.full("buffer", names[local]))
 
 
 # --------------------------------------------------------------------------- RNG
@@ -409,31 +535,41 @@ def load(directory: Path, engine, cfg: C.Config, layout, weights_only: bool = Fa
 # --------------------------------------------------------------------------- the frozen autoencoder
 
 def full_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """Parameters and buffers with tensor-parallel shards gathered (collective over the TP group)."""
+    """Parameters with tensor-parallel shards gathered (collective over the TP group), by global name.
+
+    The names are stage-independent (see :func:`global_names`); under pipeline parallelism each
+    stage returns its own part of the model.
+    """
     from megatron.core import parallel_state as ps
 
+    names, glu = global_names(module), glu_parameter_names(module)
     tensors = {}
-    for name, param in module.named_parameters():
+    for local, param in module.named_parameters():
         value = param.detach()
         if _partition_dim(param) >= 0:
             group = ps.get_tensor_model_parallel_group()
             parts = [torch.empty_like(value) for _ in range(dist.get_world_size(group))]
             dist.all_gather(parts, value.contiguous(), group=group)
-            value = torch.cat(parts, dim=param.partition_dim)
-        tensors[name] = value.float().cpu().clone()
+            value = _join_tp(parts, param.partition_dim, local in glu)
+        tensors[names[local]] = value.float().cpu().clone()
     return tensors
 
 
-def load_full_state_dict(module: torch.nn.Module, tensors: Dict[str, torch.Tensor], source: str) -> None:
-    """Copy full (TP=1) tensors into `module`, slicing the shards this TP rank owns."""
-    own = dict(module.named_parameters())
-    if set(own) != set(tensors):
-        missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+def load_full_state_dict(module: torch.nn.Module, tensors: Dict[str, torch.Tensor], source: str,
+                         strict: bool = True) -> None:
+    """Copy full (TP=1) tensors, by global name, into `module`, slicing the shards this TP rank owns.
+
+    `strict=False` allows `tensors` to hold more than this module (another pipeline stage's part).
+    """
+    names, glu = global_names(module), glu_parameter_names(module)
+    own = {names[local]: (local, param) for local, param in module.named_parameters()}
+    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or (strict and extra):
         raise CheckpointError(f"{source}: parameter names do not match the model: missing {missing[:4]}, "
                               f"unexpected {extra[:4]}")
     with torch.no_grad():
-        for name, param in own.items():
-            value = _my_slice(tensors[name], param)
+        for name, (local, param) in own.items():
+            value = _my_slice(tensors[name], param, local in glu)
             if tuple(value.shape) != tuple(param.shape):
                 raise CheckpointError(f"{source}: tensor {name} has shape {tuple(value.shape)}, "
                                       f"the model expects {tuple(param.shape)}")

@@ -71,16 +71,18 @@ def train_step(engine, micro_batches: Iterator[torch.Tensor], accum_steps: int,
                metrics_fn: Optional[Callable] = None) -> StepResult:
     """Run `accum_steps` micro-batches and one optimizer step; return the averaged measurements.
 
-    `forward(engine, tokens)` returns the model output with a `.loss`; `metrics_fn(output, tokens)`
-    may return extra float metrics (averaged like the loss).
+    `micro_batches` yields token tensors or (tokens, forward kwargs) pairs; `forward(engine, tokens,
+    **kwargs)` returns the model output with a `.loss`; `metrics_fn(output, tokens)` may return
+    extra float metrics (averaged like the loss).
     """
     lr = engine.get_lr()[0]
     losses: List[float] = []
     sums: dict = {}
     grad_norm = float("nan")
     for micro in range(accum_steps):
-        tokens = next(micro_batches)
-        output = forward(engine, tokens)
+        item = next(micro_batches)
+        tokens, kwargs = item if isinstance(item, tuple) else (item, {})
+        output = forward(engine, tokens, **kwargs)
         engine.backward(output.loss)
         losses.append(output.loss.detach().float().item())
         for key, value in (metrics_fn(output, tokens) if metrics_fn else {}).items():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Iterable
+from typing import Dict, Iterable, List
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,10 @@ class AutoencoderStage:
         from calm_megatron.models.autoencoder import count_parameters
 
         return {"ae_params": count_parameters(self.cfg.autoencoder)}
+
+    def forward_kwargs(self, sample_ids: List[int]) -> Dict[str, object]:
+        """Extra arguments of the training forward for the samples with these global indices."""
+        return {}
 
     def train_metrics(self, module, output, tokens: torch.Tensor) -> Dict[str, float]:
         predicted = module.predict(output.logits.detach())
@@ -124,6 +128,13 @@ class CALMStage:
 
         return {"calm_params": count_parameters_calm(self.cfg.model).total_excluding_autoencoder}
 
+    def forward_kwargs(self, sample_ids: List[int]) -> Dict[str, object]:
+        """Per-sample seeds: head noise and posterior draws become functions of (run seed, global sample
+        index), identical at every TP/PP/DP layout and micro-batch split, and on resume."""
+        from calm_megatron.models.energy_head import stream_seed
+
+        return {"sample_seeds": [stream_seed(self.cfg.run.seed, i) for i in sample_ids]}
+
     def train_metrics(self, module, output, tokens) -> Dict[str, float]:
         return {}
 
@@ -155,6 +166,9 @@ class ARStage(CALMStage):
         from calm_megatron.models.ar import count_parameters_ar
 
         return {"ar_params": count_parameters_ar(self.cfg.model).total}
+
+    def forward_kwargs(self, sample_ids: List[int]) -> Dict[str, object]:
+        return {}
 
     @torch.no_grad()
     def evaluate(self, module, batches: Iterable[torch.Tensor]) -> Dict[str, float]:

@@ -5,7 +5,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -90,12 +90,19 @@ class Trainer:
                  cfg.train.precision, ", ".join(f"{k}={v:,}" for k, v in self.params.items()))
         self.engine = engine_lib.create_engine(model, cfg, layout.dp, self.stage.no_decay)
         self.accum_steps = C.grad_accum_steps(cfg, layout.dp)
+        self.pipeline = None
+        if layout.pp > 1:  # Megatron's 1F1B schedule owns the micro-batches of a step
+            from calm_megatron.training.pipeline import PipelineRunner
+
+            self.pipeline = PipelineRunner(self.engine, cfg.train.micro_batch_size, self.accum_steps, cfg.train.seq_len)
         self.batches = batches if batches is not None else TrainData(cfg, layout)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
         self.step = 0
         self.losses: Dict[int, float] = {}
         self._resume()
-        log.info("memory after engine init: %s", monitor_lib.memory_summary())
+        from calm_megatron.training.memory import log_rank_memory
+
+        log_rank_memory(self.engine, layout, "after engine init")
 
     def _resume(self) -> None:
         cfg = self.cfg
@@ -116,17 +123,39 @@ class Trainer:
             self.batches.load_state_dict(state["loader"])
         log.info("resumed from %s at step %d", directory, self.step)
 
-    def forward(self, engine, tokens):
-        return engine(tokens)
+    def forward(self, engine, tokens, **kwargs):
+        return engine(tokens, **kwargs)
+
+    def sample_ids(self, micro: int, size: int) -> List[int]:
+        """Global indices of the samples in micro-batch `micro` of the current step on this DP rank.
+
+        The same at every layout: step, then data-parallel rank, then micro-batch order, as the global
+        batch is split (the CALM stage derives its noise from them).
+        """
+        t = self.cfg.train
+        first = (self.step * t.global_batch_size + self.layout.dp_rank * (t.global_batch_size // self.layout.dp)
+                 + micro * t.micro_batch_size)
+        return list(range(first, first + size))
+
+    def micro_batches(self) -> Iterator[Tuple[torch.Tensor, dict]]:
+        """The micro-batches of one step with their forward kwargs."""
+        for micro in range(self.accum_steps):
+            tokens = next(self.batches)
+            yield tokens, self.stage.forward_kwargs(self.sample_ids(micro, tokens.size(0)))
 
     def train_step(self) -> engine_lib.StepResult:
         module = self.engine.module
-        return engine_lib.train_step(self.engine, self.batches, self.accum_steps, self.forward,
-                                     lambda output, tokens: self.stage.train_metrics(module, output, tokens))
+        metrics = lambda output, tokens: self.stage.train_metrics(module, output, tokens)  # noqa: E731
+        if self.pipeline is not None:
+            return self.pipeline.train_step(self.micro_batches(), metrics)
+        return engine_lib.train_step(self.engine, self.micro_batches(), self.accum_steps, self.forward, metrics)
 
     def evaluate(self) -> Dict[str, float]:
         """Held-out metrics, drawn from a private RNG so that training's random streams are untouched."""
         if not self.cfg.data.valid:
+            return {}
+        if self.layout.pp > 1:  # BrierLM samples on whole models; no pipelined evaluation yet
+            log.warning("evaluation is skipped under pipeline parallelism (parallel.pp=%d)", self.layout.pp)
             return {}
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):

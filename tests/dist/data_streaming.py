@@ -1,6 +1,7 @@
 """One rank of the multi-rank data-streaming tests (tests/test_data_streaming.py launches one process per rank).
 
-argv[1] is a JSON spec: {"mode": ..., "path": shard folder (s3://...), "out": folder for out_<rank>.json, ...}.
+argv[1] is a JSON spec: {"mode": ..., "path": shard folder (s3://...), "lookup_path": a local copy of it (to map
+tokens to block ids), "out": folder for out_<rank>.json, ...}.
 Rank and world come from RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; the group is gloo.
 
 Batches are written as lists of global sample ids (block indices of the shard folder), so the test can check
@@ -8,8 +9,8 @@ disjointness, coverage and equality without shipping tokens.
 
 modes:
 - resume: an uninterrupted run over 1.x epochs (states after every step), then for each resume point N a fresh
-  loader from the state at N, compared batch for batch; plus "TP peers" (every rank dp_rank=0 of 1).
-- remaining: (one rank) resume at dp=1 from states taken at dp=2; the rest of the epoch.
+  loader from the state at N, compared batch for batch; then the states at dp=1 with every rank a TP peer of
+  the one replica (dp_rank=0 of 1): the rest of the epoch, identical on every rank.
 - layouts: Megatron rank order (tp fastest, then dp, then pp) for several (tp, dp, pp); only the first and last
   pipeline stages read.
 """
@@ -66,22 +67,20 @@ def mode_resume(spec, rank, world, lookup):
         loader.load_state_dict(states[n])
         resumed[str(n)] = take(loader, total - n, lookup)
         loader.close()
-    peer = build(spec, dp_rank=0, dp_size=1)  # every rank a tensor-parallel peer of one replica
-    out["tp_peers"] = take(peer, peer.batches_per_epoch, lookup)
-    peer.close()
-    out.update(per_epoch=per_epoch, ref=ref, states=states, resumed=resumed, points=points)
-    return out
-
-
-def mode_remaining(spec, rank, world, lookup):
-    out = {}
-    for n, state in spec["states"].items():
+    # The same states at dp=1, every rank a tensor-parallel peer of the one replica: the rest of the epoch
+    # (point 0: a fresh loader, the whole epoch).
+    remaining = {}
+    for point in spec["remaining_points"]:
+        n = resolve_point(point, per_epoch)
         loader = build(spec, dp_rank=0, dp_size=1)
-        loader.load_state_dict(state)
+        if n:
+            loader.load_state_dict(states[n])
+        state = states[n] if n else {"num_canonical_nodes": 1, "sample_in_epoch": 0}
         count = expected_batches(loader.dataset.epoch_size, state["num_canonical_nodes"], 1, spec["batch_size"],
                                  state["sample_in_epoch"])
-        out[n] = take(loader, count, lookup)
+        remaining[str(n)] = take(loader, count, lookup)
         loader.close()
+    out.update(per_epoch=per_epoch, ref=ref, states=states, resumed=resumed, points=points, remaining=remaining)
     return out
 
 
@@ -112,8 +111,8 @@ def main():
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
-    lookup = block_ids(spec["path"])
-    out = {"resume": mode_resume, "remaining": mode_remaining, "layouts": mode_layouts}[spec["mode"]](
+    lookup = block_ids(spec.get("lookup_path") or spec["path"])
+    out = {"resume": mode_resume, "layouts": mode_layouts}[spec["mode"]](
         spec, rank, world, lookup)
     out["num_blocks"], out["unique_blocks"] = max(lookup.values()) + 1, len(lookup)
     if world > 1:
