@@ -66,7 +66,7 @@ loss = 3 * 3 * (N * M + N * N) * l  # distances, forward + backward
 per_chunk = 3 * (2 * (backbone + counts.input_compression) + 2 * N * counts.head + attention) + 2 * ae_encoder + loss
 flops_per_token = per_chunk * S / T  # S predicted chunks per T-token sequence
 print(f"gpu_smoke: {torch.cuda.get_device_name()} | CALM-M {counts.total_excluding_autoencoder / 1e6:.1f}M params "
-      f"(+ frozen AE) | bf16 | micro-batch {micro} x {T} tokens | {flops_per_token / 1e9:.2f} GFLOPs/token", flush=True)
+      f"(+ frozen AE) | {cfg.train.precision} | micro-batch {micro} x {T} tokens | {flops_per_token / 1e9:.2f} GFLOPs/token", flush=True)
 times = []
 for step in range(steps):
     torch.cuda.synchronize()

@@ -303,6 +303,9 @@ def _validate_sections(cfg: Config) -> None:
     _check(not (cfg.parallel.pp > 1 and cfg.parallel.zero_stage > 1),
            f"parallel.zero_stage={cfg.parallel.zero_stage} with parallel.pp={cfg.parallel.pp}: DeepSpeed "
            "supports only ZeRO stage 0 or 1 under pipeline parallelism")
+    _check(not (cfg.parallel.pp > 1 and cfg.parallel.zero_stage == 0 and cfg.train.precision == "bf16"),
+           f"parallel.zero_stage=0 with train.precision=bf16 and parallel.pp={cfg.parallel.pp}: DeepSpeed's bf16 "
+           "optimizer does not accumulate the gradients of a pipeline schedule correctly; use parallel.zero_stage=1")
     _check(cfg.train.steps >= 1, f"train.steps={cfg.train.steps} must be >= 1")
     _check(cfg.train.micro_batch_size >= 1, f"train.micro_batch_size={cfg.train.micro_batch_size} must be >= 1")
     _check(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be > 0")

@@ -194,6 +194,12 @@ def _group_identical_chunks(candidates: torch.Tensor) -> Tuple[torch.Tensor, tor
     return order, is_first, group_size.gather(1, group)
 
 
+def chunk_counts(candidates: torch.Tensor) -> torch.Tensor:
+    """For candidates ``[B, N, K]``: how many candidates of the same row equal each one, LongTensor [B, N]."""
+    order, _, counts = _group_identical_chunks(candidates)
+    return torch.zeros_like(counts).scatter_(1, order, counts)
+
+
 def batch_approx_distribution(candidates: torch.Tensor, temperature: float) -> torch.Tensor:
     """Algorithm 2's selection probabilities over the N candidate slots, float64 [B, N].
 

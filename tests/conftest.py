@@ -30,11 +30,17 @@ def megatron_single():
     from calm_megatron import distributed
 
     if not dist.is_initialized():
+        saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(free_port())
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             os.environ.pop(key, None)
         distributed.init(tp=1, pp=1, seed=1234, init_deepspeed=False)
+        # The group exists now; leave no rank variables behind for the subprocesses later tests start.
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
     yield distributed.current_layout()
 
 

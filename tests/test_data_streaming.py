@@ -215,6 +215,37 @@ def test_partial_batches_and_odd_resume_points_keep_the_epoch_count(tiny_data):
     assert expected_batches(11, 1, 2, 1, 0) == 6 and expected_batches(11, 4, 1, 1, 0) == 12
 
 
+def test_explicit_cache_dir_is_reused_locked_and_refreshed(tiny_data, tmp_path):
+    """data.cache_dir survives restarts (shards are not fetched again), refuses a second live loader, and is
+    emptied when the data behind it was rewritten."""
+    from calm_megatron.data.loader import build_train_loader
+
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    shutil.copytree(tiny_data["ae_train"], data)
+
+    def run(n=3):
+        loader = build_train_loader(str(data), batch_size=2, seed=1, dp_rank=0, dp_size=1, cache_dir=str(cache))
+        batches = [b["tokens"] for _, b in zip(range(n), loader)]
+        return loader, batches
+
+    first, batches = run()
+    with pytest.raises(ValueError, match="in use by another loader"):
+        run()
+    first.close()
+    cached = sorted(p.name for p in cache.rglob("shard.*.mds"))
+    assert cached
+    stamp = {p: p.stat().st_mtime_ns for p in cache.rglob("shard.*.mds")}
+    again, batches_again = run()
+    assert all((a == b).all() for a, b in zip(batches, batches_again))
+    assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())  # read from the cache, not fetched again
+    again.close()
+    shutil.rmtree(data)
+    shutil.copytree(tiny_data["lm_train"], data)  # other data under the same path
+    fresh, batches_fresh = run()
+    fresh.close()
+    assert fresh.seq_len == 128 and all(b.shape == (2, 128) for b in batches_fresh)  # no stale 64-token shard
+
+
 def test_stream_lists_and_weights_are_checked():
     from calm_megatron.data.streams import parse_streams
 

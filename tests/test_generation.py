@@ -359,7 +359,21 @@ def calm_run(tiny_data, tmp_path_factory):
     return out / "calm"
 
 
-def test_generate_tool_end_to_end(calm_run):
+def _tool_main(monkeypatch, capsys, *args):
+    """tools/generate.py's main() in this process (distributed teardown disabled): (exit code, stdout, stderr)."""
+    import runpy
+
+    from calm_megatron import distributed
+
+    tool = runpy.run_path(str(REPO / "tools/generate.py"), run_name="generate_tool")
+    monkeypatch.setattr(distributed, "teardown", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["generate.py", *map(str, args)])
+    code = tool["main"]()
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_generate_tool_end_to_end(calm_run, monkeypatch, capsys):
     result = _run(["tools/generate.py", str(calm_run), "--prompt", "The king shall", "--prompt", "Thou art",
                    "--max-new-tokens", "8", "--temperature", "0.5", "--num-samples", "16", "--json"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -368,10 +382,12 @@ def test_generate_tool_end_to_end(calm_run):
     assert all(len(line["new_tokens"]) <= 8 and line["text"].startswith(line["prompt"]) for line in lines[:2])
     assert all(line["finish_reason"] in ("length", "eos") for line in lines[:2])
     assert lines[2]["tokens_per_second"] > 0
-    plain = _run(["tools/generate.py", str(calm_run / "checkpoints"), "--prompt", "The " * 400,
-                  "--max-new-tokens", "4"])
-    assert plain.returncode == 2 and "longer than the context" in plain.stderr
-    assert len(plain.stderr.strip().splitlines()) == 1
+    code, out, err = _tool_main(monkeypatch, capsys, calm_run / "checkpoints", "--prompt", "Thou art",
+                                "--sampler", "exact", "--temperature", "0.7", "--max-new-tokens", "4")
+    assert code == 0 and out.splitlines()[0].startswith("Thou art") and "tokens/s:" in out.splitlines()[-1]
+    code, out, err = _tool_main(monkeypatch, capsys, calm_run, "--prompt", "The " * 400, "--max-new-tokens", "4")
+    assert code == 2 and err.startswith("error: ") and "longer than the context" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("args, message", [
@@ -379,9 +395,9 @@ def test_generate_tool_end_to_end(calm_run):
     (["--temperature", "1.2"], r"temperature must be in \(0, 1\]"),
     (["--temperature", "0.4"], "T = 1/n"),
     (["--prompt", ""], "prompt 1 is empty"),
+    (["--prompts-file", "/nonexistent/prompts.txt"], "No such file"),
 ])
-def test_generate_tool_refuses_bad_input(args, message, tmp_path):
-    result = _run(["tools/generate.py", str(tmp_path), "--prompt", "hello", *args])
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
-    assert re.search(message, result.stderr), result.stderr
+def test_generate_tool_refuses_bad_input(args, message, tmp_path, monkeypatch, capsys):
+    code, _, err = _tool_main(monkeypatch, capsys, tmp_path, "--prompt", "hello", *args)
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert re.search(message, err), err

@@ -428,6 +428,7 @@ def test_bf16_and_sharded_exports_load_and_validate(tp2_run, tmp_path):
     assert len(set(index["weight_map"].values())) > 1 and not (folder / "model.safetensors").exists()
     assert {dtype for _, dtype in _safetensors_index(folder).values()} == {"BF16"}
     measured = hf.validate_export(str(tp2_run["step"]), str(folder))
+    print("measured max |ours - hf| (CALM bf16 weights, fp32 math):", measured)
     assert max(measured.values()) < 1e-5
     step = hf.import_hf(str(folder), str(tmp_path / "back"))  # the importer reads sharded bf16 folders too
     from calm_megatron.hf.shards import CheckpointReader
@@ -542,6 +543,7 @@ def test_imported_baseline_fine_tunes_and_exports_as_stock_llama(reference, tiny
     assert config["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in config
     assert not list(folder.glob("*.py"))
     measured = hf.validate_export(str(tmp_path / "run"), str(folder))
+    print("measured max |ours - hf| (baseline fp32):", measured)
     assert measured["logits"] < 1e-5 and abs(measured["kl"]) < 1e-6
     llama = hf.import_transformers().LlamaForCausalLM.from_pretrained(str(folder)).eval()
     ids = torch.randint(0, reference["vocab"], (2, 16), generator=torch.Generator().manual_seed(0))
@@ -560,6 +562,45 @@ def _tool_ok(name: str, *argv: str) -> str:
         code = _tool(name, *argv)
     assert code == 0, buffer.getvalue()
     return buffer.getvalue().strip().rsplit(" ", 1)[-1]
+
+
+def test_autoencoder_folder_round_trip_and_layout_options(reference, tmp_path):
+    """Reference Autoencoder -> ours (TP=2) -> HF; Transformer Engine names; a tied-embedding Llama."""
+    hf = _hf()
+    from safetensors.torch import load_file, save_file
+
+    from calm_megatron.hf.shards import CheckpointReader
+
+    source = reference["calm"] / "autoencoder"
+    step = hf.import_hf(str(source), str(tmp_path / "ae"), tp=2)
+    assert (step / "autoencoder.safetensors").is_file() and (step / "autoencoder.json").is_file()
+    folder = hf.export_checkpoint(str(step), str(tmp_path / "hf"))
+    assert max(hf.validate_export(str(step), str(folder)).values()) < 1e-5
+    original, again = _hf_tensors(source), _hf_tensors(folder)
+    assert {n: tuple(t.shape) for n, t in again.items()} == reference_ae_shapes(reference["vocab"])
+    assert all(torch.equal(again[n], t) for n, t in original.items())
+    model = hf.import_transformers().AutoModel.from_pretrained(str(folder), trust_remote_code=True).eval()
+    ids = torch.randint(0, reference["vocab"], (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference["calm_model"].ae_model(ids).logits)
+    # Steps written for Transformer Engine's layer spec read back as the same tensors.
+    te = hf.import_hf(str(reference["calm"]), str(tmp_path / "te"), tp=2, pp=2, te_names=True)
+    plain = hf.import_hf(str(reference["calm"]), str(tmp_path / "plain"), tp=1)
+    names = set(json.loads((te / "model" / "tp00_pp00.json").read_text())["params"])
+    assert "backbone.decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in names
+    assert "backbone.decoder.layers.0.input_layernorm.weight" not in names
+    te_reader, plain_reader = CheckpointReader(te), CheckpointReader(plain)
+    assert all(torch.equal(te_reader.tensor(n), plain_reader.tensor(n)) for n in plain_reader.params)
+    # A Llama with tied embeddings and no lm_head.weight: the embedding becomes the LM head.
+    tied = tmp_path / "tied"
+    shutil.copytree(reference["llama"], tied)
+    tensors = load_file(str(tied / "model.safetensors"))
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(tied / "model.safetensors"))
+    config = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
+    reader = CheckpointReader(hf.import_hf(str(tied), str(tmp_path / "tied_ckpt")))
+    assert torch.equal(reader.tensor("output_layer.weight"), tensors["model.embed_tokens.weight"])
 
 
 # --------------------------------------------------------------------------- bad input
@@ -662,15 +703,20 @@ def test_rule_tables_name_every_parameter_of_our_models_and_pipeline_stages(mega
     assert placed == {0: {n for n, _ in first.named_parameters()}, 1: {n for n, _ in last.named_parameters()}}
 
 
-def test_eval_brier_scores_a_checkpoint_and_its_export_alike(tp2_run, exported, tiny_data, capsys):
+def test_eval_brier_scores_a_checkpoint_and_its_export_alike(tp2_run, exported, reference, tiny_data, tmp_path,
+                                                             capsys):
     hf = _hf()
     from calm_megatron.hf.brier import evaluate_brier
 
-    ours = evaluate_brier(str(tp2_run["step"]), max_batches=2, seed=5)
-    theirs = evaluate_brier(str(exported["tp2"]), str(tiny_data["lm_valid"]), max_batches=2, seed=5)
+    valid = str(tiny_data["lm_valid"])
+    ours = evaluate_brier(str(tp2_run["step"]), max_batches=2, seed=5)  # the run's own data.valid
+    theirs = evaluate_brier(str(exported["tp2"]), valid, max_batches=2, seed=5)
     keys = [k for k in ours if k.startswith("brier")]
-    assert keys and all(ours[k] == theirs[k] for k in keys), (ours, theirs)
-    assert _tool("eval_brier", "--model", str(exported["tp2"]), "--data", str(tiny_data["lm_valid"]),
-                 "--batches", "1") == 0
+    assert len(keys) == 6 and all(ours[k] == theirs[k] for k in keys), (ours, theirs)
+    # The baseline's estimator uses exact probabilities: a non-trivial score, equal for both forms.
+    step = hf.import_hf(str(reference["llama"]), str(tmp_path / "llama"))
+    ours, theirs = (evaluate_brier(str(path), valid, max_batches=2, seed=5) for path in (step, reference["llama"]))
+    assert all(ours[k] == theirs[k] for k in keys) and 0 < ours["brier_1"] < 1, (ours, theirs)
+    assert _tool("eval_brier", "--model", str(exported["tp2"]), "--data", valid, "--batches", "1") == 0
     assert '"brierlm"' in capsys.readouterr().out
     assert hf.is_hf_folder(exported["tp2"]) and not hf.is_hf_folder(tp2_run["step"])

@@ -24,9 +24,10 @@ def _ae_args(tiny_data, out_dir, *extra):
 
 
 def train(args, nproc=1, env=None, max_restarts=0, timeout=300):
+    env_extra = env
     """Run the real entry point (torchrun for several ranks); return the completed process."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO),
-           **(env or {})}
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = {**env, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO), **(env_extra or {})}
     if nproc == 1 and not max_restarts:
         cmd = [sys.executable, "-m", "calm_megatron.train", *args]
     else:

@@ -277,6 +277,7 @@ class TrainLoader:
             raise ValueError(f"the loader state was taken over other data (fingerprint {theirs}) than "
                              f"{self.path} (fingerprint {self.fingerprint}): the sample position does not carry over")
         self.loader.load_state_dict(state)
+        self.loader.num_samples_yielded = 0  # counted from the loaded position on
         self.epoch = max(0, int(state.get("epoch", 0)))
         self._resume_from = dict(state)
 

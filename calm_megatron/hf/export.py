@@ -118,7 +118,12 @@ class _Tokenizer:
             write_tokenizer_files(self.tokenizer, folder, max_length)
 
 
-def _generation_config(folder: Path, tokens: dict) -> None:
+def _generation_config(folder: Path, tokens: dict, step: Path) -> None:
+    """The imported folder's own generation_config.json if the step came from one, else the token ids."""
+    stashed = step / HF_STASH / "generation_config.json"
+    if stashed.is_file():
+        shutil.copyfile(stashed, folder / "generation_config.json")
+        return
     from calm_megatron.hf._compat import import_transformers
 
     transformers = import_transformers()
@@ -136,6 +141,8 @@ def _prepare(folder: Path, overwrite: bool) -> None:
     if folder.exists() and any(folder.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{folder} exists and is not empty (use --overwrite to replace it)")
+        if not (folder / "config.json").is_file():
+            raise FileExistsError(f"{folder} is not empty and holds no config.json: not replacing it")
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -170,7 +177,7 @@ def export_checkpoint(checkpoint: str, out: str, dtype: str = "fp32", *, tokeniz
         write_json(ae_folder / "config.json", ae_config)
         _copy_code(ae_folder, H.AE_CODE_FILES)
         source.write(ae_folder, max_length if reader.kind == "calm" else ae_config["max_position_embeddings"])
-        _generation_config(ae_folder, tokens)
+        _generation_config(ae_folder, tokens, reader.step)
         _provenance(ae_folder, reader, dtype)
     if reader.kind == "calm":
         tokens = source.ids(_read_stash(reader.step, "config.json"))
@@ -187,6 +194,6 @@ def export_checkpoint(checkpoint: str, out: str, dtype: str = "fp32", *, tokeniz
         H.llama_hf_config(reader.model_cfg, dtype, tokens).to_json_file(str(folder / "config.json"), use_diff=True)
         source.write(folder, max_length)
     if reader.kind != "ae":
-        _generation_config(folder, tokens)
+        _generation_config(folder, tokens, reader.step)
         _provenance(folder, reader, dtype)
     return folder

@@ -69,16 +69,17 @@ def _trainer_state(source: HFSource, tp: int, pp: int) -> dict:
             "layout": {"tp": tp, "pp": pp, "dp": 1}, "losses": {}, "imported_from": str(source.folder.resolve())}
 
 
-def _stash(step: Path, source: HFSource) -> str:
+def _stash(step: Path, source: HFSource, autoencoder_only: bool = False) -> str:
     stash = step / HF_STASH
     stash.mkdir(parents=True, exist_ok=True)
-    (stash / "config.json").write_text(json.dumps(source.config, indent=2, sort_keys=True) + "\n")
-    if source.kind == "calm" and source.ae_config_dict:
+    config = source.ae_config_dict if autoencoder_only else source.config
+    if config:
+        (stash / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if source.kind == "calm" and source.ae_config_dict and not autoencoder_only:
         (stash / "autoencoder_config.json").write_text(json.dumps(source.ae_config_dict, indent=2, sort_keys=True)
                                                       + "\n")
-    for name in ("generation_config.json",):
-        if (source.folder / name).is_file():
-            shutil.copyfile(source.folder / name, stash / name)
+    if not autoencoder_only and (source.folder / "generation_config.json").is_file():
+        shutil.copyfile(source.folder / "generation_config.json", stash / "generation_config.json")
     if copy_tokenizer_files(source.folder, step / TOKENIZER_STASH):
         return _our_tokenizer_path(step / TOKENIZER_STASH)
     log.warning("%s has no tokenizer files", source.folder)
@@ -93,7 +94,7 @@ def _write_autoencoder_step(source: HFSource, out: Path, tp: int, te_names: bool
     params = mapping.params_of(rules)
     shapes = {name: source.shapes[mapping.AE_PREFIX_OURS + name] for name in params}
     write_step(step, params, shapes, source.tensors(rules), 0, tp, 1, te_names, progress)
-    tokenizer = _stash(step, source)
+    tokenizer = _stash(step, source, autoencoder_only=True)
     cfg = _run_config(source, "ae", tp, 1, tokenizer)
     cached = dict(source.tensors(rules))  # the autoencoder is small next to the CALM (75M parameters)
     write_autoencoder_export(step, cfg, cached.__getitem__, list(params), shapes)
@@ -109,6 +110,8 @@ def import_hf(folder: str, out: str, tp: int = 1, pp: int = 1, *, te_names: bool
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out_dir} exists and is not empty (use --overwrite to replace it)")
+        if not (out_dir / "latest").is_file():
+            raise FileExistsError(f"{out_dir} is not empty and holds no 'latest': not replacing it")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if source.kind == "ae" and pp != 1:

@@ -26,6 +26,7 @@ class LoadedModel:
     ae_cfg: Optional[C.AutoencoderConfig]
     tokenizer: str  # a path our tokenizer loader reads ('' if none is known)
     source: Path
+    config: C.Config  # the run's config (a checkpoint's own; for an HF folder: stage, model sections, tokenizer)
 
 
 def ensure_runtime(seed: int = 1234) -> None:
@@ -38,9 +39,18 @@ def ensure_runtime(seed: int = 1234) -> None:
                 parallel_state.get_pipeline_model_parallel_world_size() != 1:
             raise RuntimeError("loading a full model for inference needs TP=1 and PP=1 in this process")
         return
+    import os
+
     from calm_megatron import distributed
 
+    keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    saved = {key: os.environ.get(key) for key in keys}
     distributed.init(tp=1, pp=1, seed=seed, init_deepspeed=False)
+    for key, value in saved.items():  # the group exists: don't hand this process's port to child processes
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def build_model(kind: str, model_cfg: Optional[C.ModelConfig], ae_cfg: Optional[C.AutoencoderConfig],
@@ -89,7 +99,7 @@ def load_checkpoint_model(path: str, precision: str = "fp32") -> LoadedModel:
     model = build_model(reader.kind, reader.model_cfg, reader.ae_cfg, precision)
     copy_into(model, ((name, reader.tensor(name)) for name in reader.params), str(reader.step))
     tokenizer = reader.cfg.data.tokenizer if reader.cfg.data.tokenizer and Path(reader.cfg.data.tokenizer).exists() else ""
-    return LoadedModel(model.eval(), reader.kind, reader.model_cfg, reader.ae_cfg, tokenizer, reader.step)
+    return LoadedModel(model.eval(), reader.kind, reader.model_cfg, reader.ae_cfg, tokenizer, reader.step, reader.cfg)
 
 
 def load_hf_model(folder: str, precision: str = "fp32") -> LoadedModel:
@@ -101,7 +111,13 @@ def load_hf_model(folder: str, precision: str = "fp32") -> LoadedModel:
     tokenizer = ""
     if any((source.folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         tokenizer = str(source.folder)
-    return LoadedModel(model.eval(), source.kind, source.model_cfg, source.ae_cfg, tokenizer, source.folder)
+    cfg = C.Config()
+    cfg.run.stage, cfg.data.tokenizer = source.kind, tokenizer
+    if source.model_cfg is not None:
+        cfg.model = source.model_cfg
+    if source.ae_cfg is not None:
+        cfg.autoencoder = source.ae_cfg
+    return LoadedModel(model.eval(), source.kind, source.model_cfg, source.ae_cfg, tokenizer, source.folder, cfg)
 
 
 def load_hf_as_ours(folder: str, precision: str = "fp32") -> torch.nn.Module:

@@ -75,6 +75,10 @@ class HFSource:
         self.params = mapping.params_of(self.rules)
         self.expected = mapping.hf_shapes(self.kind, self.model_cfg, self.ae_cfg)
         self.shapes = mapping.canonical_shapes(self.rules, self.expected)
+        # A Llama with tied embeddings may store no lm_head.weight: the embedding is the LM head.
+        self.fallbacks: Dict[str, str] = {}
+        if self.kind == "ar" and self.config.get("tie_word_embeddings") and "lm_head.weight" not in self.weights:
+            self.fallbacks["lm_head.weight"] = "model.embed_tokens.weight"
         self._check()
 
     # ----------------------------------------------------------------- configs
@@ -141,7 +145,7 @@ class HFSource:
         for rule in self.rules:
             for name in rule.hf:
                 candidates = (name,) + rule.aliases.get(name, ())
-                if not any(c in self.weights for c in candidates):
+                if not any(c in self.weights for c in candidates) and name not in self.fallbacks:
                     also = f" (or {', '.join(candidates[1:])})" if len(candidates) > 1 else ""
                     raise HFFormatError(f"{self.folder}: tensor {name}{also} is missing from "
                                         f"{self.weights.source}")
@@ -157,7 +161,7 @@ class HFSource:
     # ----------------------------------------------------------------- tensors
 
     def _hf_tensor(self, name: str, aliases: Tuple[str, ...]) -> torch.Tensor:
-        present = [c for c in (name,) + aliases if c in self.weights]
+        present = [c for c in (name,) + aliases if c in self.weights] or [self.fallbacks[name]]
         tensor = self.weights.get(present[0])
         for other in present[1:]:
             if not torch.equal(tensor, self.weights.get(other)):

@@ -15,7 +15,8 @@ Layout of one step (see docs/checkpoints.md):
 
 ZeRO partitions are gathered over the data-parallel group with DeepSpeed's `safe_get_full_*` API,
 so a step can be loaded at any data-parallel size and ZeRO stage, and at another tensor-parallel
-size (shards are concatenated along their partition dim and re-sliced). Nothing is unpickled: every
+size (shards are concatenated along their partition dim and re-sliced; SwiGLU shards regrouped,
+vocab padding adjusted) or pipeline size (tensor names use global layer indices, see `global_names`). Nothing is unpickled: every
 tensor file is safetensors, everything else JSON.
 """
 from __future__ import annotations
@@ -512,8 +513,11 @@ def save(trainer_state: dict, engine, cfg: C.Config, layout, export=None, fault_
 def load(directory: Path, engine, cfg: C.Config, layout, weights_only: bool = False) -> dict:
     """Load a verified step into `engine`; returns its trainer state (RNG restored when layouts match)."""
     verify(directory)
-    load_model_shard(engine, cfg, directory, layout, weights_only=weights_only)
     state = json.loads((directory / "trainer_state.json").read_text())
+    if not weights_only and "lr_scheduler" not in state:
+        raise CheckpointError(f"{directory} holds weights only (an imported or exported model, no optimizer "
+                              f"or data state): load it with checkpoint.finetune=true")
+    load_model_shard(engine, cfg, directory, layout, weights_only=weights_only)
     if weights_only:
         return state
     if engine.lr_scheduler is not None:

@@ -46,6 +46,33 @@ def create_engine(model: torch.nn.Module, cfg: C.Config, dp: int,
     return engine
 
 
+def sync_sequence_parallel_grads(module: torch.nn.Module) -> int:
+    """Sum over the TP group, inside autograd, the gradients of parameters marked `sequence_parallel`.
+
+    Under sequence parallelism such parameters (Transformer Engine's norms, biases after a
+    reduce-scatter) see only this rank's slice of the sequence. Megatron reduces them in its own
+    `finalize_model_grads`, which neither DeepSpeed nor our pipeline path runs; a gradient hook does
+    it before the gradient is accumulated, so ZeRO-2's reduction hooks and every micro-batch see the
+    full gradient. Returns how many parameters got the hook (0 with the local spec, whose norms
+    sync in their forward).
+    """
+    from megatron.core import parallel_state as ps
+
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return 0
+    group = ps.get_tensor_model_parallel_group()
+
+    def reduce(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    params = [p for p in module.parameters() if p.requires_grad and getattr(p, "sequence_parallel", False)]
+    for param in params:
+        param.register_hook(reduce)
+    return len(params)
+
+
 def _local_grad_norm_sq(module: torch.nn.Module, tp_rank: int) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64)
     for param in module.parameters():

@@ -54,6 +54,8 @@ def check_pipeline_engine(engine) -> None:
     problems = []
     if engine.zero_optimization_stage() > 1:
         problems.append(f"ZeRO stage {engine.zero_optimization_stage()} (only 0 or 1 work under a pipeline schedule)")
+    if engine.zero_optimization_stage() == 0 and engine.bfloat16_enabled():
+        problems.append("bf16 at ZeRO stage 0 (DeepSpeed's bf16 optimizer mis-accumulates; use ZeRO stage 1)")
     if engine.gradient_accumulation_steps() != 1:
         problems.append(f"gradient_accumulation_steps={engine.gradient_accumulation_steps()} (must be 1)")
     if engine.managed_gradient_accumulation():

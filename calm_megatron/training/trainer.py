@@ -19,19 +19,27 @@ log = logging.getLogger("calm_megatron")
 
 
 class TrainData:
-    """This rank's micro-batches from the streaming loader, with its resumable state."""
+    """This rank's micro-batches from the streaming loader, with its resumable state.
+
+    Under pipeline parallelism the first stage (embedding) and the last (targets) read the replica's
+    samples; a middle stage reads nothing and gets placeholders of the right shape.
+    """
 
     def __init__(self, cfg: C.Config, layout: distributed.Layout):
         from calm_megatron.data.loader import build_train_loader
 
+        self.reads_data = layout.is_first_stage or layout.is_last_stage
+        self.shape = (cfg.train.micro_batch_size, cfg.train.seq_len)
         self.loader = build_train_loader(cfg.data.train, batch_size=cfg.train.micro_batch_size,
                                          seed=cfg.run.seed, dp_rank=layout.dp_rank, dp_size=layout.dp,
                                          replication=layout.tp, shuffle=cfg.data.shuffle,
                                          download_retry=cfg.data.download_retry, timeout_s=cfg.data.timeout_s,
-                                         num_workers=cfg.data.num_workers)
+                                         num_workers=cfg.data.num_workers, reads_data=self.reads_data)
         self._iter: Optional[Iterator] = None
 
     def __next__(self) -> torch.Tensor:
+        if not self.reads_data:
+            return torch.zeros(self.shape, dtype=torch.long, device=distributed.device())
         if self._iter is None:
             self._iter = iter(self.loader)
         return next(self._iter)["tokens"].to(distributed.device())
@@ -88,6 +96,8 @@ class Trainer:
         self.params = self.stage.count_params(model)
         log.info("layout: %s | zero stage %d | %s | %s", layout.describe(), cfg.parallel.zero_stage,
                  cfg.train.precision, ", ".join(f"{k}={v:,}" for k, v in self.params.items()))
+        if cfg.parallel.sequence_parallel and engine_lib.sync_sequence_parallel_grads(model):
+            log.info("sequence parallel: TP-summed gradient hooks on the parameters Megatron marks")
         self.engine = engine_lib.create_engine(model, cfg, layout.dp, self.stage.no_decay)
         self.accum_steps = C.grad_accum_steps(cfg, layout.dp)
         self.pipeline = None
@@ -138,10 +148,19 @@ class Trainer:
         return list(range(first, first + size))
 
     def micro_batches(self) -> Iterator[Tuple[torch.Tensor, dict]]:
-        """The micro-batches of one step with their forward kwargs."""
-        for micro in range(self.accum_steps):
-            tokens = next(self.batches)
-            yield tokens, self.stage.forward_kwargs(self.sample_ids(micro, tokens.size(0)))
+        """The micro-batches of one step with their forward kwargs.
+
+        Under pipeline parallelism they are all read before the schedule starts: the first and the
+        last stage read the same samples, and Streaming's readers of one replica must iterate
+        together (the last stage would otherwise wait for activations while the first stage's loader
+        waits for it).
+        """
+        def with_kwargs(micro: int, batch: torch.Tensor):
+            return batch, self.stage.forward_kwargs(self.sample_ids(micro, batch.size(0)))
+
+        if self.pipeline is not None:  # read now, not when the schedule first asks
+            return iter([with_kwargs(m, next(self.batches)) for m in range(self.accum_steps)])
+        return (with_kwargs(m, next(self.batches)) for m in range(self.accum_steps))
 
     def train_step(self) -> engine_lib.StepResult:
         module = self.engine.module
