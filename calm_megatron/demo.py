@@ -15,6 +15,11 @@ from typing import Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Demo-sized runs of the tiny configs (the configs themselves stay test-sized where they differ).
+DEMO_CALM = ["train.steps=800", "train.micro_batch_size=8", "train.global_batch_size=8", "train.log_interval=50",
+             "train.eval_batches=25", "optim.lr=1e-3", "optim.warmup_steps=50"]
+DEMO_AR = DEMO_CALM
+
 
 def _run(cmd: List[str], what: str, env: Dict[str, str] = None) -> None:
     print(f"\n==> {what}\n    $ {' '.join(cmd)}", flush=True)
@@ -62,7 +67,7 @@ def train_stage(config: str, name: str, what: str, paths: Dict[str, Path], packi
     run_dir = out / name
     cmd = [sys.executable, "-m", "calm_megatron.train", config, f"run.name=demo_{name}", f"run.out_dir={run_dir}",
            f"data.tokenizer={paths['tokenizer']}", f"data.train={paths[packing + '_train']}",
-           f"data.valid={paths[packing + '_valid']}", "train.eval_batches=0"] + overrides
+           f"data.valid={paths[packing + '_valid']}"] + overrides
     _run(cmd, what, env={"WANDB_MODE": os.environ.get("WANDB_MODE", "offline")})
     return json.loads((run_dir / "train_summary.json").read_text())
 
@@ -80,9 +85,9 @@ def run_demo(out: Path, data: Path, ae_overrides: List[str], calm_overrides: Lis
                      list(ae_overrides))
     calm = train_stage("configs/calm/tiny.yaml", "calm", "train CALM on the frozen autoencoder (stage 2)", paths,
                        "lm", out, [f"model.autoencoder_checkpoint={out / 'ae'}", "train.eval_at_start=true",
-                                   *calm_overrides])
+                                   *DEMO_CALM, *calm_overrides])
     ar = train_stage("configs/ar/tiny.yaml", "ar", "train the autoregressive baseline (same backbone)", paths,
-                     "lm", out, list(ar_overrides))
+                     "lm", out, [*DEMO_AR, *ar_overrides])
     summary = {"ae_recon_token_acc": ae["recon_token_acc"], "ae_recon_chunk_acc": ae["recon_chunk_acc"],
                "ae_params": ae["ae_params"], "tokens_seen": ae["tokens_seen"] + calm["tokens_seen"] + ar["tokens_seen"],
                "calm_brierlm": calm["brierlm"], "calm_brierlm_at_init": calm["brierlm_at_init"],

@@ -719,8 +719,9 @@ def load_model_for_inference(path: str, tokenizer: Optional[str] = None, precisi
 
         if tokenizer or Path(tok_path).exists():
             tok = load_tokenizer(tok_path)
-    if tok is not None and tok.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} ids, the model only {cfg.model.vocab_size}")
+    if tok is not None and tok.vocab_size != cfg.model.vocab_size:
+        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} ids but the model's vocabulary is "
+                         f"{cfg.model.vocab_size}")
     return InferenceModel(model, cfg, cfg.run.stage, step, tok)
 
 

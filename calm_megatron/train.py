@@ -53,9 +53,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     preemption.install_handlers()  # before any slow start-up work: a signal then is not lost
 
+    from calm_megatron.data.errors import DataLoaderError
+
     env = distributed.launch_env()
     try:
         cfg = load_and_validate(args, env.world_size)
+    except DataLoaderError as err:  # e.g. the object store is down while the shard index is read
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_REQUEUE if err.resumable else 1
     except (C.ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -77,6 +82,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CheckpointError as err:
         print(f"error (rank {layout.rank}): {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except DataLoaderError as err:  # storage down or too slow: resumable; corrupt or missing data: not
+        print(f"error (rank {layout.rank}): {err}", file=sys.stderr)
+        return EXIT_REQUEUE if err.resumable else 1
     finally:
         distributed.teardown()
     return EXIT_REQUEUE if summary.get("preempted") else 0

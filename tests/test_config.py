@@ -117,3 +117,46 @@ def test_cli_fails_fast_with_one_line(args, expected):
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_cli_refuses_tokenizer_vocab_mismatch(tiny_data):
+    from tests.conftest import data_overrides
+
+    result = _train_cli(AE_TINY, *data_overrides(tiny_data), "autoencoder.vocab_size=4096", "train.seq_len=64")
+    assert result.returncode == 2
+    assert f"vocab size {tiny_data['vocab_size']}" in result.stderr and "autoencoder.vocab_size=4096" in result.stderr
+
+
+def test_cli_refuses_shards_of_another_k(tiny_data):
+    from tests.conftest import data_overrides
+
+    result = _train_cli(AE_TINY, *data_overrides(tiny_data), f"autoencoder.vocab_size={tiny_data['vocab_size']}",
+                        "train.seq_len=64", "autoencoder.chunk_size=8")
+    assert result.returncode == 2 and "8" in result.stderr and "4" in result.stderr, result.stderr
+
+
+def _fake_ae_step(tmp_path, **ae):
+    import json
+
+    step = tmp_path / "ae_run" / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    (step / "manifest.json").write_text('{"files": {}}')
+    (step / "autoencoder.json").write_text(json.dumps({"chunk_size": 4, "latent_size": 16, "vocab_size": 512, **ae}))
+    (step.parent / "latest").write_text(step.name)
+    return tmp_path / "ae_run"
+
+
+@pytest.mark.parametrize("field, value", [("chunk_size", 8), ("latent_size", 32), ("vocab_size", 1000)])
+def test_calm_refuses_autoencoder_that_disagrees(tmp_path, field, value):
+    run = _fake_ae_step(tmp_path, **{field: value})
+    cfg = C.load(str(REPO / "configs/calm/tiny.yaml"), [f"model.autoencoder_checkpoint={run}", "model.vocab_size=512",
+                                                        "model.latent_size=16", "model.chunk_size=4"])
+    with pytest.raises(C.ConfigError) as err:
+        C.validate(cfg, world_size=1)
+    expected = {"chunk_size": 4, "latent_size": 16, "vocab_size": 512}[field]
+    assert f"model.{field}={expected}" in str(err.value) and f"{field}={value}" in str(err.value)
+
+
+def test_calm_refuses_missing_autoencoder(tmp_path):
+    result = _train_cli(str(REPO / "configs/calm/tiny.yaml"), f"model.autoencoder_checkpoint={tmp_path / 'nope'}")
+    assert result.returncode == 2 and "model.autoencoder_checkpoint" in result.stderr and "nope" in result.stderr

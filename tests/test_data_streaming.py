@@ -350,7 +350,7 @@ def test_store_killed_mid_epoch_fails_within_timeout_then_resumes(s3_corpus, sea
         loader.close()
         seaweedfs.start()
     message = str(err.value)
-    assert err.value.resumable and elapsed < timeout + 5, (elapsed, message)
+    assert err.value.resumable and elapsed < timeout + 10, (elapsed, message)  # slack for loaded CI hosts
     assert seaweedfs.endpoint in message and re.search(r"shard\.\d{5}\.mds\.zstd", message), message
     resumed = _loader(s3_corpus["a"], timeout_s=30)
     resumed.load_state_dict(state)
@@ -377,7 +377,7 @@ def test_store_killed_with_loader_workers_fails_within_timeout(s3_corpus, seawee
     finally:
         loader.close()
         seaweedfs.start()
-    assert err.value.resumable and elapsed < timeout + 5 and "data.timeout_s=6" in str(err.value), str(err.value)
+    assert err.value.resumable and elapsed < timeout + 10 and "data.timeout_s=6" in str(err.value), str(err.value)
 
 
 def test_corrupt_shard_is_named(s3_corpus, seaweedfs, tmp_path):  # noqa: F811

@@ -90,7 +90,7 @@ def test_calm_kv_cached_generation_equals_recomputation(calm, options):
     assert cached.tokens == recomputed.tokens
     assert cached.finish_reasons == recomputed.finish_reasons == ["length"] * 4
     assert [len(t) for t in cached.tokens] == [12] * 4
-    assert cached.steps < recomputed.steps or cached.steps == recomputed.steps  # same number of backbone calls
+    assert cached.steps == recomputed.steps  # the same backbone calls, one position each when cached
     assert cached.head_draws == recomputed.head_draws > 0
 
 
@@ -279,17 +279,21 @@ def test_bad_inputs_are_refused(calm, ar):
 # --------------------------------------------------------------------------- loading checkpoints
 
 @pytest.mark.parametrize("global_layer_names", [True, False])
-def test_loader_merges_tensor_and_pipeline_shards(ar, tmp_path, global_layer_names):
-    """A hand-made TP=2 x PP=2 step of the tiny baseline loads back into one TP=1 model.
+def test_loader_merges_tensor_and_pipeline_shards(megatron_single, tmp_path, global_layer_names, tiny_data,
+                                                  monkeypatch, capsys):
+    """A hand-made TP=2 x PP=2 step of a tiny baseline loads back into one TP=1 model.
 
     Shards as Megatron holds them (a SwiGLU fc1 shard is [its gates; its ups]); layer names global
     (current checkpoints) or numbered from 0 on each stage (older ones).
     """
     from safetensors.torch import save_file
 
-    from calm_megatron.generation import load_model_for_inference
+    from calm_megatron.generation import generate, load_model_for_inference
+    from calm_megatron.models.ar import build_ar
 
-    cfg = C.load(AR_TINY)
+    cfg = C.load(AR_TINY, [f"model.vocab_size={tiny_data['vocab_size']}"])  # the tokenizer's vocabulary
+    torch.manual_seed(1)
+    ar = build_ar(cfg.model).eval()
     step = tmp_path / "step_00000001"
     (step / "model").mkdir(parents=True)
     C.save(cfg, str(step / "config.yaml"))
@@ -327,6 +331,17 @@ def test_loader_merges_tensor_and_pipeline_shards(ar, tmp_path, global_layer_nam
     assert loaded.stage == "ar" and loaded.tokenizer is None
     for name, value in loaded.model.named_parameters():
         assert torch.equal(value, params[name]), name
+    out = generate(loaded, [[5, 6, 7]], 4, temperature=0.5, top_p=0.9, num_samples=8, sampler="exact",
+                   generator=torch.Generator().manual_seed(0))  # CALM-only options are ignored
+    assert out.finish_reasons == ["length"] and len(out.tokens[0]) == 4
+    if global_layer_names:  # the tool on this baseline step: any T in (0, 1] (no 1/n rule), top-p
+        from calm_megatron.training.checkpoint import write_manifest
+
+        write_manifest(step)
+        code, stdout, err = _tool_main(monkeypatch, capsys, step, "--prompt", "the king", "--temperature", "0.7",
+                                       "--top-p", "0.9", "--max-new-tokens", "5", "--tokenizer", tiny_data["tokenizer"])
+        assert code == 0, err
+        assert stdout.splitlines()[0].startswith("the king") and "ar, 1 prompt(s), T=0.7" in stdout
 
 
 # --------------------------------------------------------------------------- tools/generate.py

@@ -141,3 +141,50 @@ def test_resume_at_another_layout(tiny_data, tmp_path, before, after):
     assert "resuming at another layout" in result.stderr
     ref, got = losses(reference)["3"], losses(resumed)["3"]
     assert abs(ref - got) <= 1e-6 * max(1.0, abs(ref)), (ref, got)
+
+
+STAGE2 = ["train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=4", "train.steps=5",
+          "train.log_interval=1", "train.progress_bar=false", "train.eval_batches=1", "checkpoint.interval=2",
+          "logging.wandb_mode=disabled", "model.max_position_embeddings=64"]
+
+
+@pytest.fixture(scope="module")
+def stage2_args(tiny_data, straight):
+    """CALM and baseline runs on the LM shards (64-token blocks), CALM over the `straight` AE."""
+    lm = tiny_data["root"] / "lm64"
+    if not (lm / "train" / "calm_index.json").is_file():
+        from calm_megatron.data.shards import write_shards
+
+        for split in ("train", "valid"):
+            write_shards([str(tiny_data["root"] / f"{split}.jsonl")], str(tiny_data["tokenizer"]), str(lm / split),
+                         packing="lm", seq_len=64, chunk_size=4, progress=False)
+    data = [f"data.tokenizer={tiny_data['tokenizer']}", f"data.train={lm / 'train'}", f"data.valid={lm / 'valid'}",
+            f"model.vocab_size={tiny_data['vocab_size']}"]
+    return {"calm": ["configs/calm/tiny.yaml", *data, *STAGE2, f"model.autoencoder_checkpoint={straight}",
+                     "model.latent_size=16"],
+            "ar": ["configs/ar/tiny.yaml", *data, *STAGE2]}
+
+
+@pytest.mark.parametrize("stage", ["calm", "ar"])
+def test_stage2_signal_stop_and_resume_is_bitwise_equal(stage2_args, tmp_path, stage):
+    args = stage2_args[stage]
+    ok(train(args + [f"run.out_dir={tmp_path / 'straight'}"]))
+    stopped = args + [f"run.out_dir={tmp_path / 'stopped'}"]
+    ok(train(stopped, env={"CALM_TEST_SIGNAL_AT_STEP": "3"}), code=75)
+    ok(train(stopped))
+    assert_bitwise_equal(tmp_path / "stopped", tmp_path / "straight")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_kill_9_at_random_steps(tiny_data, tmp_path):
+    """kill -9 of one rank at 5 random steps under torchrun --max-restarts: always bitwise recovered."""
+    import random
+
+    reference = tmp_path / "reference"
+    ok(train(_ae_args(tiny_data, reference, "train.steps=8"), nproc=2))
+    for trial, step in enumerate(random.Random(7).sample(range(1, 8), 5)):
+        out = tmp_path / f"killed_{trial}"
+        ok(train(_ae_args(tiny_data, out, "train.steps=8"), nproc=2, max_restarts=1,
+                 env={"CALM_TEST_KILL_AT_STEP": str(step), "CALM_TEST_FAULT_RANK": str(trial % 2)}))
+        assert_bitwise_equal(out, reference)

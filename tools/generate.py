@@ -46,12 +46,23 @@ def _arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def _stage_of(path: str):
+    """run.stage of the checkpoint at `path` from its config.yaml alone (None when it cannot be read)."""
+    from calm_megatron import config as C
+    from calm_megatron.training.checkpoint import CheckpointError, resolve_step
+
+    try:
+        return C.load(str(resolve_step(path) / "config.yaml")).run.stage
+    except (CheckpointError, C.ConfigError, OSError):
+        return None
+
+
 def _check_options(args) -> list:
     """Everything that can be refused before the model is loaded; returns the prompt texts."""
     from calm_megatron.sampling import check_temperature, inverse_temperature_integer
 
     check_temperature(args.temperature)
-    if args.sampler == "batch":
+    if args.sampler == "batch" and _stage_of(args.run) != "ar":  # the baseline takes any T in (0, 1]
         inverse_temperature_integer(args.temperature)
         if args.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
@@ -100,7 +111,7 @@ def _generate(args, texts) -> int:
         prompts = [([] if args.no_bos else [tok.bos_id]) + tok.encode(text) for text in texts]
         options = dict(temperature=args.temperature, num_samples=args.num_samples, sampler=args.sampler,
                        prompt_mode=args.prompt_mode, top_p=args.top_p, use_cache=not args.no_cache,
-                       generator=torch.Generator().manual_seed(args.seed))
+                       generator=torch.Generator(next(loaded.model.parameters()).device).manual_seed(args.seed))
         size = args.batch_size or len(prompts)
         tokens, reasons, seconds = [], [], 0.0
         for start in range(0, len(prompts), size):
@@ -122,7 +133,9 @@ def _generate(args, texts) -> int:
         else:
             print(f"tokens/s: {rate:.1f} ({count} new tokens in {seconds:.2f}s; {loaded.stage}, "
                   f"{len(prompts)} prompt(s), T={args.temperature:g}"
-                  + (f", {args.sampler} sampler, N={args.num_samples}" if loaded.stage == "calm" else "") + ")")
+                  + (f", {args.sampler} sampler" if loaded.stage == "calm" else "")
+                  + (f", N={args.num_samples}" if loaded.stage == "calm" and args.sampler == "batch"
+                     and args.temperature < 1 else "") + ")")
     finally:
         distributed.teardown()
     return 0

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -264,9 +265,10 @@ class CacheDir:
     def lock(self) -> None:
         """Hold this host's lock on the cache (the local leader, for the loader's lifetime). A private cache is
         removed at exit at the latest."""
-        self.root.mkdir(parents=True, exist_ok=True)
         if not self.explicit:
+            self.sweep_stale(self.base.parent, self.root.name)
             atexit.register(self.remove_if_private)
+        self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -275,6 +277,32 @@ class CacheDir:
             raise ValueError(f"data cache folder {self.root} is in use by another loader on this host (another "
                              "job, or an unclosed loader in this process): give each job its own data.cache_dir")
         self._lock_fd = fd
+
+    @staticmethod
+    def sweep_stale(parent: Path, host: str, min_age_s: float = 600.0) -> int:
+        """Remove private caches of this host left by loaders that died without cleaning up (a SIGKILL): older
+        than `min_age_s` and not locked by a live leader. Returns how many were removed."""
+        removed = 0
+        for folder in parent.glob(f"*/{host}"):
+            try:
+                if time.time() - folder.stat().st_mtime < min_age_s:
+                    continue
+                fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live loader holds it
+            finally:
+                os.close(fd)  # also releases the lock we may have taken
+            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                folder.parent.rmdir()
+            except OSError:
+                pass
+            removed += 1
+        return removed
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

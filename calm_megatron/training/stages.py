@@ -21,8 +21,10 @@ def _sum_over_dp(values: Dict[str, float]) -> Dict[str, float]:
 
 
 def pad_id_of(shard_dir: str) -> int:
-    """The PAD id recorded by tools/prepare_data.py in the shard index."""
-    return int(json.loads((Path(shard_dir) / "calm_index.json").read_text())["pad_id"])
+    """The PAD id recorded by tools/prepare_data.py in the shard index (local folder or s3://)."""
+    from calm_megatron.data.shards import read_shard_index
+
+    return int(read_shard_index(shard_dir)["pad_id"])
 
 
 class AutoencoderStage:

@@ -32,9 +32,11 @@ class TrainData:
         self.shape = (cfg.train.micro_batch_size, cfg.train.seq_len)
         self.loader = build_train_loader(cfg.data.train, batch_size=cfg.train.micro_batch_size,
                                          seed=cfg.run.seed, dp_rank=layout.dp_rank, dp_size=layout.dp,
-                                         replication=layout.tp, shuffle=cfg.data.shuffle,
-                                         download_retry=cfg.data.download_retry, timeout_s=cfg.data.timeout_s,
-                                         num_workers=cfg.data.num_workers, reads_data=self.reads_data)
+                                         shuffle=cfg.data.shuffle, download_retry=cfg.data.download_retry,
+                                         timeout_s=cfg.data.timeout_s, num_workers=cfg.data.num_workers,
+                                         reads_data=self.reads_data, weights=cfg.data.train_weights or None,
+                                         cache_dir=cfg.data.cache_dir or None,
+                                         cache_limit=cfg.data.cache_limit or None)
         self._iter: Optional[Iterator] = None
 
     def __next__(self) -> torch.Tensor:
@@ -57,7 +59,7 @@ def eval_batches(cfg: C.Config, layout: distributed.Layout) -> Iterator[torch.Te
 
     for batch in iter_eval_batches(cfg.data.valid, batch_size=cfg.train.micro_batch_size,
                                    dp_rank=layout.dp_rank, dp_size=layout.dp,
-                                   max_batches=cfg.train.eval_batches or None):
+                                   max_batches=cfg.train.eval_batches or None, cache_dir=cfg.data.cache_dir or None):
         yield batch["tokens"].to(distributed.device())
 
 

@@ -11,7 +11,6 @@ spec: {"config_dir", "out", "outputs_dir", "weights_dir", "steps", "reference": 
        "layouts": [{"name", "tp", "pp", "scenarios": {name: {"model": ae|calm|ar, "overrides": [...]}}}],
        "extras": ["dropout_masks", "pp_resume"]}
 """
-import contextlib
 import json
 import os
 import sys
