@@ -12,6 +12,8 @@ pytestmark = pytest.mark.distributed
 
 STEPS = 5
 BASE = ["autoencoder.dropout=0.0", "autoencoder.variational=false", "train.seq_len=32",
+        "autoencoder.hidden_size=64", "autoencoder.intermediate_size=128", "autoencoder.latent_size=16",
+        "autoencoder.init_std=0.02", "optim.schedule=constant",
         "train.global_batch_size=4", "optim.warmup_steps=0", "optim.grad_clip=0.0"]
 OPTIMS = {"sgd": ["optim.optimizer=sgd", "optim.lr=0.05"], "adamw": ["optim.optimizer=adamw", "optim.lr=0.003"]}
 
