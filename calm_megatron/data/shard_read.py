@@ -24,6 +24,7 @@ import numpy as np
 from calm_megatron.data import storage
 from calm_megatron.data.errors import DataCorruptionError, DataNotFoundError
 from calm_megatron.data.tokenizer import Tokenizer, tokenizer_fingerprint
+from calm_megatron.hashing import file_digest
 
 FORMAT_VERSION = 1
 INDEX_NAME = "calm_index.json"
@@ -217,22 +218,13 @@ class ShardFolder:
         return (Path(self.path) / basename).is_file() if not self.remote else True
 
 
-def _file_xxh64(path: Path) -> str:
-    import xxhash
-    digest = xxhash.xxh64()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _file_problem(local: Path, info: dict) -> Optional[str]:
     expected = info["hashes"][HASH]
     if not local.is_file():
         return "is missing"
     if local.stat().st_size != info["bytes"]:
         return f"has {local.stat().st_size} bytes, its index says {info['bytes']}"
-    if _file_xxh64(local) != expected:
+    if file_digest(local) != expected:
         return f"is corrupt: {HASH} mismatch with {MDS_INDEX_NAME}"
     return None
 

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from calm_megatron import config as C
+from calm_megatron.hashing import file_digest
 
 log = logging.getLogger("calm_megatron")
 
@@ -50,16 +51,6 @@ class CheckpointError(RuntimeError):
 
 def step_dir(save_dir: str, step: int) -> Path:
     return Path(save_dir) / f"step_{step:08d}"
-
-
-def _file_hash(path: Path) -> str:
-    import xxhash
-
-    digest = xxhash.xxh64()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _tp_info() -> Tuple[int, int]:
@@ -428,7 +419,7 @@ def load_rng(directory: Path, rank: int) -> bool:
 
 def write_manifest(directory: Path) -> None:
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "xxh64": _file_hash(p)} for p in files}
+    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "xxh64": file_digest(p)} for p in files}
     tmp = directory / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps({"files": entries}, indent=1))
     os.replace(tmp, directory / MANIFEST)
@@ -445,7 +436,7 @@ def verify(directory: Path) -> None:
             raise CheckpointError(f"{path}: listed in the manifest but missing")
         if path.stat().st_size != entry["bytes"]:
             raise CheckpointError(f"{path}: size {path.stat().st_size} != {entry['bytes']} in the manifest")
-        if _file_hash(path) != entry["xxh64"]:
+        if file_digest(path) != entry["xxh64"]:
             raise CheckpointError(f"{path}: checksum differs from the manifest (corrupt file)")
 
 

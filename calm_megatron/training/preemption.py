@@ -61,6 +61,3 @@ class StopRequest:
             log.warning("stopping: %s%s; saving a checkpoint, then exiting with code %d (requeue)", reason,
                         f" ({_received} received here)" if _received else "", EXIT_REQUEUE)
         return reason
-
-    def restore(self) -> None:
-        """Kept for symmetry; the handlers stay installed until the process exits."""

@@ -1,7 +1,6 @@
 """What differs between the training stages (autoencoder, CALM, baseline): model, metrics, eval, export."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, Iterable, List
 

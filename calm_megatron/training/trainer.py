@@ -207,26 +207,23 @@ class Trainer:
         if cfg.train.eval_at_start and self.step == 0:
             self.initial_eval = self.evaluate()
             monitor.event(0, self.initial_eval, "eval")
-        try:
-            while self.step < cfg.train.steps:
-                result = self.train_step()
-                self.step += 1
-                self.losses[self.step] = result.loss
-                _fault_injection_after_step(self.step, self.layout.rank)
-                monitor.step(self.step, {"loss": result.loss, **result.metrics, "lr": result.lr,
-                                         "grad_norm": result.grad_norm})
-                if self.step == cfg.train.steps:
-                    break
-                if stop.agreed():
-                    self.save()
-                    monitor.close()
-                    return {"preempted": True, "step": self.step}
-                if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
-                    monitor.event(self.step, self.evaluate(), "eval")
-                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
-                    self.save()
-        finally:
-            stop.restore()
+        while self.step < cfg.train.steps:
+            result = self.train_step()
+            self.step += 1
+            self.losses[self.step] = result.loss
+            _fault_injection_after_step(self.step, self.layout.rank)
+            monitor.step(self.step, {"loss": result.loss, **result.metrics, "lr": result.lr,
+                                     "grad_norm": result.grad_norm})
+            if self.step == cfg.train.steps:
+                break
+            if stop.agreed():
+                self.save()
+                monitor.close()
+                return {"preempted": True, "step": self.step}
+            if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
+                monitor.event(self.step, self.evaluate(), "eval")
+            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                self.save()
         return self._finish(monitor)
 
     def _finish(self, monitor) -> Dict[str, float]:

@@ -24,6 +24,9 @@ from calm_megatron import distributed
 from calm_megatron.training import checkpoint, stages
 from calm_megatron.training.trainer import Trainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_equivalence import global_batches, rank_micro_batches  # noqa: E402  (same batches, one definition)
+
 CONFIGS = {"ae": "ae/tiny.yaml", "calm": "calm/tiny.yaml", "ar": "ar/tiny.yaml"}
 WEIGHTS = {}  # model name -> full tensors (global names)
 AE_SEED = 4321
@@ -70,20 +73,6 @@ def _install_weight_hooks(weights_dir: Path, reference: bool):
 
 
 # --------------------------------------------------------------------------- data
-
-def global_batches(cfg: C.Config, steps: int):
-    gen = torch.Generator().manual_seed(99)
-    vocab = C.model_vocab_size(cfg)
-    return [torch.randint(0, vocab, (cfg.train.global_batch_size, cfg.train.seq_len), generator=gen)
-            for _ in range(steps)]
-
-
-def rank_micro_batches(batches, layout, micro: int):
-    per_rank = batches[0].shape[0] // layout.dp
-    for batch in batches:
-        mine = batch[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
-        yield from mine.split(micro)
-
 
 # --------------------------------------------------------------------------- forward outputs
 
