@@ -674,15 +674,30 @@ def _copy_weights(model: torch.nn.Module, tensors: dict, partition: dict, source
             param.copy_(value.to(param.dtype))
 
 
+def _load_hf_for_inference(folder: str, tokenizer: Optional[str], precision: str) -> InferenceModel:
+    """An exported/reference HF folder (EnergyTransformer, Autoencoder-backed CALM, or Llama) as ours."""
+    from calm_megatron.data.tokenizer import load_tokenizer
+    from calm_megatron.hf.loading import load_hf_model
+
+    loaded = load_hf_model(folder, precision=precision)
+    tok_path = tokenizer or loaded.tokenizer
+    return InferenceModel(model=loaded.model, config=loaded.config, stage=loaded.kind, step=Path(folder),
+                          tokenizer=load_tokenizer(tok_path) if tok_path else None)
+
+
 def load_model_for_inference(path: str, tokenizer: Optional[str] = None, precision: str = "fp32",
                              device: Optional[torch.device] = None, verify: bool = True) -> InferenceModel:
-    """Rebuild a CALM or baseline run for generation from a run dir, checkpoints dir or step dir.
+    """Rebuild a CALM or baseline run for generation from a run dir, checkpoints dir, step dir or HF folder.
 
     The model is built from the step's config.yaml at TP=1/PP=1 and filled from its model shards
     (TP shards concatenated, PP stages merged); a CALM's frozen AE comes from the same shards
     (``autoencoder.*``). The tokenizer is ``tokenizer`` or the config's ``data.tokenizer`` (None when
     neither exists). Initialises a one-process Megatron parallel state when none exists.
     """
+    from calm_megatron.hf.source import is_hf_folder
+
+    if is_hf_folder(path):
+        return _load_hf_for_inference(path, tokenizer, precision)
     from megatron.core import parallel_state as ps
 
     from calm_megatron import config as C, distributed
