@@ -28,9 +28,8 @@ import os, tempfile, time
 
 import torch
 
-from calm_megatron import config as C, distributed
+from calm_megatron import config as C, distributed, flops
 from calm_megatron.models.autoencoder import build_autoencoder
-from calm_megatron.models.backbone import count_backbone_parameters
 from calm_megatron.models.calm import count_parameters_calm
 from calm_megatron.training import stages
 from calm_megatron.training.trainer import Trainer
@@ -55,16 +54,8 @@ def batches():
 
 
 trainer = Trainer(cfg, layout, batches=batches())
-m, ae = cfg.model, cfg.autoencoder
-K, S, N, M, d, l = m.chunk_size, T // m.chunk_size - 1, m.num_samples, m.num_targets, m.hidden_size, m.latent_size
-counts = count_parameters_calm(m)
-backbone = count_backbone_parameters(m) - d  # matmul weights (the final norm does no matmul)
-dae, fae, half = ae.hidden_size, ae.intermediate_size, ae.num_encoder_layers // 2
-ae_encoder = K * half * 3 * dae * fae + K * dae * dae + half * 3 * dae * fae + dae * 2 * l  # per chunk
-attention = 4 * m.num_layers * S * d  # forward, full context as in calm-spec 5.2
-loss = 3 * 3 * (N * M + N * N) * l  # distances, forward + backward
-per_chunk = 3 * (2 * (backbone + counts.input_compression) + 2 * N * counts.head + attention) + 2 * ae_encoder + loss
-flops_per_token = per_chunk * S / T  # S predicted chunks per T-token sequence
+flops_per_token = flops.training_flops_per_token(cfg)  # calm-spec 5.2, see calm_megatron/flops.py
+counts = count_parameters_calm(cfg.model)
 print(f"gpu_smoke: {torch.cuda.get_device_name()} | CALM-M {counts.total_excluding_autoencoder / 1e6:.1f}M params "
       f"(+ frozen AE) | {cfg.train.precision} | micro-batch {micro} x {T} tokens | {flops_per_token / 1e9:.2f} GFLOPs/token", flush=True)
 times = []

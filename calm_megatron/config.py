@@ -104,6 +104,7 @@ class TrainConfig:
     eval_at_start: bool = False  # also evaluate the initial model (e.g. BrierLM at init)
     progress_bar: bool = True
     exit_after_minutes: float = 0.0  # wall-time budget: save and exit with the requeue code; 0: none
+    peak_tflops: float = 0.0  # per-device peak for the logged MFU; 0: known GPUs from their name, else no MFU
 
 
 @dataclass

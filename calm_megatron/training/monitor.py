@@ -42,8 +42,13 @@ def _format_eta(seconds: float) -> str:
 class Monitor:
     """Tracks throughput and reports each logged step to the console, the progress bar and W&B."""
 
-    def __init__(self, cfg: C.Config, rank: int, tokens_per_step: int, start_step: int = 0):
+    def __init__(self, cfg: C.Config, rank: int, tokens_per_step: int, start_step: int = 0, world_size: int = 1):
+        from calm_megatron import flops
+
         self.cfg, self.rank, self.tokens_per_step = cfg, rank, tokens_per_step
+        # Model FLOPs per device and per second of each token/s (calm-spec 5.2), and the device peak.
+        self.flops_per_token_per_device = flops.training_flops_per_token(cfg) / world_size
+        self.peak_flops = flops.peak_flops_per_second(cfg.train.peak_tflops)
         self.start_time = self.window_time = time.time()
         self.window_step = self.start_step = start_step
         self.bar = None
@@ -84,13 +89,21 @@ class Monitor:
         tokens_per_s = (step - self.window_step) * self.tokens_per_step / max(now - self.window_time, 1e-9)
         per_step = (now - self.start_time) / max(step - self.start_step, 1)
         self.window_step, self.window_time = step, now
-        values = dict(values, tokens_per_s=tokens_per_s)
+        values = dict(values, tokens_per_s=tokens_per_s, **self.utilisation(tokens_per_s))
         parts = [f"step {step}/{self.cfg.train.steps}"] + \
                 [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()] + \
                 [f"ETA {_format_eta(per_step * (self.cfg.train.steps - step))}"]
         self._write(" | ".join(parts))
         if self.wandb_run is not None:
             self.wandb_run.log(values, step=step)
+
+    def utilisation(self, tokens_per_s: float) -> Dict[str, float]:
+        """Achieved model TFLOP/s per device and, where the peak is known, MFU."""
+        achieved = self.flops_per_token_per_device * tokens_per_s
+        out = {"tflops_per_device": achieved / 1e12}
+        if self.peak_flops:
+            out["mfu"] = achieved / self.peak_flops
+        return out
 
     def event(self, step: int, values: Dict[str, float], prefix: str) -> None:
         """An evaluation or other one-off measurement."""

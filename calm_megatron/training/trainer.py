@@ -201,7 +201,8 @@ class Trainer:
         stopped the run after saving.
         """
         cfg = self.cfg
-        monitor = monitor_lib.Monitor(cfg, self.layout.rank, self.tokens_per_step, start_step=self.step)
+        monitor = monitor_lib.Monitor(cfg, self.layout.rank, self.tokens_per_step, start_step=self.step,
+                                      world_size=self.layout.world_size)
         stop = StopRequest(cfg.train.exit_after_minutes)
         self.initial_eval: Dict[str, float] = {}
         if cfg.train.eval_at_start and self.step == 0:
