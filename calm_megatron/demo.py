@@ -72,6 +72,32 @@ def train_stage(config: str, name: str, what: str, paths: Dict[str, Path], packi
     return json.loads((run_dir / "train_summary.json").read_text())
 
 
+DEMO_PROMPTS = ["KING HENRY:", "And God said"]
+
+
+def sample(run_dir: Path, what: str) -> List[dict]:
+    """Continue the demo prompts with tools/generate.py (T=1, seed 0); the JSON lines it prints."""
+    cmd = _tool("generate.py") + [str(run_dir), "--max-new-tokens", "32", "--seed", "0", "--json"]
+    for prompt in DEMO_PROMPTS:
+        cmd += ["--prompt", prompt]
+    print(f"\n==> {what}\n    $ {' '.join(cmd)}", flush=True)
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"demo: step '{what}' failed with exit code {result.returncode}:\n{result.stderr[-2000:]}")
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    for line in lines:
+        if "text" in line:
+            print(f"    {line['text']!r}")
+    return lines
+
+
+def export_hf(run_dir: Path, out: Path, what: str) -> Path:
+    """tools/convert_to_hf.py --validate: the run as a Hugging Face folder, checked against our model."""
+    _run(_tool("convert_to_hf.py") + ["--checkpoint", str(run_dir), "--out", str(out), "--validate", "--overwrite",
+                                      "--no-progress"], what)
+    return out
+
+
 def run_demo(out: Path, data: Path, ae_overrides: List[str], calm_overrides: List[str] = (),
              ar_overrides: List[str] = ()) -> dict:
     """Run every demo step and write `<out>/summary.json`."""
@@ -88,6 +114,10 @@ def run_demo(out: Path, data: Path, ae_overrides: List[str], calm_overrides: Lis
                                    *DEMO_CALM, *calm_overrides])
     ar = train_stage("configs/ar/tiny.yaml", "ar", "train the autoregressive baseline (same backbone)", paths,
                      "lm", out, [*DEMO_AR, *ar_overrides])
+    samples = {name: sample(out / name, f"sample from {label} (T=1)")
+               for name, label in (("calm", "CALM"), ("ar", "the baseline"))}
+    hf = {name: str(export_hf(out / name, out / "hf" / name, f"export {label} to Hugging Face format (validated)"))
+          for name, label in (("calm", "CALM"), ("ar", "the baseline"))}
     summary = {"ae_recon_token_acc": ae["recon_token_acc"], "ae_recon_chunk_acc": ae["recon_chunk_acc"],
                "ae_params": ae["ae_params"], "tokens_seen": ae["tokens_seen"] + calm["tokens_seen"] + ar["tokens_seen"],
                "calm_brierlm": calm["brierlm"], "calm_brierlm_at_init": calm["brierlm_at_init"],
@@ -95,11 +125,13 @@ def run_demo(out: Path, data: Path, ae_overrides: List[str], calm_overrides: Lis
                "calm_energy_loss_first_last": [calm["first_loss"], calm["final_loss"]],
                "ar_brierlm": ar["brierlm"], "ar_brier_n": [ar[f"brier_{n}"] for n in range(1, 5)],
                "calm_params": calm["calm_params"], "ar_params": ar["ar_params"],
+               "samples": {name: [line["text"] for line in lines if "text" in line] for name, lines in samples.items()},
+               "hf_folders": hf,
                "stage_seconds": {k: v["train_wall_seconds"] for k, v in (("ae", ae), ("calm", calm), ("ar", ar))},
                "wall_seconds": round(time.time() - started, 1)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("\n==> demo finished\n" + json.dumps(summary, indent=1))
     print(f"\n  data (corpus, tokenizer, shards): {data}\n  runs: {out / 'ae'}, {out / 'calm'}, {out / 'ar'}"
-          f"\n  summary: {out / 'summary.json'}")
+          f"\n  Hugging Face folders: {hf['calm']} (+ autoencoder/), {hf['ar']}\n  summary: {out / 'summary.json'}")
     return summary

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """The end-to-end demo (what `make demo` runs): corpus, tokenizer, shards, autoencoder, CALM and the
-baseline, BrierLM of both, summary.json."""
+baseline, BrierLM of both, a sample from each, both exported to Hugging Face format (validated),
+summary.json."""
 import argparse
 import sys
 from pathlib import Path
