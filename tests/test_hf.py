@@ -1,8 +1,9 @@
 """Hugging Face conversion both ways in the reference CALM format (calm-hf-format doc), numerically checked.
 
 One real 2-rank TP=2 CALM run (started from an imported reference-format folder) gives the checkpoint
-that everything else converts; its PP=2 twin is made synthetically with the same file format (the
-trainer has no pipeline schedule yet). Models use the reference doc's tiny size: hidden 64,
+that everything else converts; a real 4-rank TP=2 x PP=2 run resumed from it gives the pipeline
+checkpoint of the round trip, and a hand-made PP=2 split of the TP=2 step (same weights) shows that
+the export does not depend on the layout. Models use the reference doc's tiny size: hidden 64,
 intermediate 128, latent 16, K=4, 2 layers, 4 heads, 2 head blocks, noise 8 (vocab: the tiny corpus').
 """
 from __future__ import annotations
@@ -238,6 +239,29 @@ def tp2_run(tiny_data, reference, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tp2pp2_run(tiny_data, reference, tp2_run):
+    """A real 4-rank TP=2 x PP=2 run of the trainer, resumed from the TP=2 run's step 2 (at another
+    layout) for one more step: the pipeline checkpoint that the round trip starts from."""
+    root = tp2_run["root"]
+    run = root / "tp2pp2_run"
+    args = ["configs/calm/tiny.yaml", *data_overrides(tiny_data, "lm"), f"model.vocab_size={reference['vocab']}",
+            f"autoencoder.vocab_size={reference['vocab']}", *CALM_SIZES, *QUICK, "train.steps=3",
+            "parallel.tp=2", "parallel.pp=2", f"model.autoencoder_checkpoint={root / 'imported' / 'autoencoder'}",
+            f"checkpoint.load={tp2_run['step']}", f"run.out_dir={run}"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
+                             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m",
+                             "calm_megatron.train", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-5000:]}"
+    assert "resuming at another layout" in result.stderr
+    step = run / "checkpoints" / "step_00000003"
+    assert json.loads((step / "trainer_state.json").read_text())["layout"] == {"tp": 2, "pp": 2, "dp": 1}
+    return step
+
+
+@pytest.fixture(scope="module")
 def exported(tp2_run):
     """The TP=2 run exported (fp32), and its synthetic PP=2 twin."""
     hf = _hf()
@@ -339,13 +363,40 @@ def test_exported_names_shapes_and_config_fields_are_the_reference_ones(exported
 
 # --------------------------------------------------------------------------- round trip
 
-def test_round_trip_tp2_pp2_to_hf_to_tp1_is_bitwise_and_reexport_identical(exported, tp2_run, tmp_path):
+def test_round_trip_tp2_pp2_to_hf_to_tp1_is_bitwise_and_reexport_identical(tp2pp2_run, tmp_path):
+    """The acceptance: a real TP=2 x PP=2 checkpoint -> HF -> ours at TP=1 (bitwise) -> HF (same files);
+    and HF -> ours at TP=2 x PP=2 reproduces the trainer's own shards."""
     hf = _hf()
     from safetensors.torch import load_file
 
     from calm_megatron.hf.shards import CheckpointReader
 
-    # PP=2 and PP=1 of the same run export to the same bytes.
+    source = CheckpointReader(tp2pp2_run)
+    assert (source.tp, source.pp) == (2, 2)
+    exported = hf.export_checkpoint(str(tp2pp2_run), str(tmp_path / "hf"))
+    step1 = hf.import_hf(str(exported), str(tmp_path / "tp1"), tp=1)
+    tp1 = CheckpointReader(step1)
+    assert (tp1.tp, tp1.pp) == (1, 1) and list(tp1.params) == list(source.params)
+    for name in source.params:
+        assert torch.equal(tp1.tensor(name), source.tensor(name)), name
+    _same_files(exported, hf.export_checkpoint(str(step1), str(tmp_path / "hf_again")))
+    step22 = hf.import_hf(str(exported), str(tmp_path / "tp2pp2"), tp=2, pp=2)
+    for stage in range(2):
+        for rank in range(2):
+            name = f"tp{rank:02d}_pp{stage:02d}"
+            ours, trained = load_file(str(step22 / "model" / f"{name}.safetensors")), \
+                load_file(str(tp2pp2_run / "model" / f"{name}.safetensors"))
+            assert set(ours) == {k for k in trained if k.startswith("model/")}, name
+            assert all(torch.equal(ours[k], trained[k]) for k in ours), name
+            meta_ours = json.loads((step22 / "model" / f"{name}.json").read_text())["params"]
+            meta_trained = json.loads((tp2pp2_run / "model" / f"{name}.json").read_text())["params"]
+            assert meta_ours == meta_trained, name
+
+
+def test_export_does_not_depend_on_the_layout(exported, tp2_run):
+    """The TP=2 step and a PP=2 split of it (same weights, made by hand) export to the same bytes."""
+    from calm_megatron.hf.shards import CheckpointReader
+
     _same_files(exported["tp2"], exported["tp2pp2"])
     source, pp2 = CheckpointReader(tp2_run["step"]), CheckpointReader(exported["pp2_step"])
     assert (source.tp, source.pp, pp2.tp, pp2.pp) == (2, 1, 2, 2)
@@ -353,26 +404,6 @@ def test_round_trip_tp2_pp2_to_hf_to_tp1_is_bitwise_and_reexport_identical(expor
         for name, param in source.params.items():
             if state == "model" or param.trainable:  # the frozen autoencoder has no optimizer state
                 assert torch.equal(source.tensor(name, state), pp2.tensor(name, state)), (state, name)
-    # HF -> ours at TP=1: the very same weights.
-    step1 = hf.import_hf(str(exported["tp2"]), str(tmp_path / "tp1"), tp=1)
-    tp1 = CheckpointReader(step1)
-    assert (tp1.tp, tp1.pp) == (1, 1) and list(tp1.params) == list(source.params)
-    for name in source.params:
-        assert torch.equal(tp1.tensor(name), source.tensor(name)), name
-    # ... -> HF again: identical files but for the provenance record.
-    _same_files(exported["tp2"], hf.export_checkpoint(str(step1), str(tmp_path / "hf_again")))
-    # HF -> ours at TP=2, PP=2 reproduces the trainer's shards (and the synthetic split) exactly.
-    step22 = hf.import_hf(str(exported["tp2"]), str(tmp_path / "tp2pp2"), tp=2, pp=2)
-    for stage in range(2):
-        for rank in range(2):
-            name = f"tp{rank:02d}_pp{stage:02d}"
-            ours, made = load_file(str(step22 / "model" / f"{name}.safetensors")), \
-                load_file(str(exported["pp2_step"] / "model" / f"{name}.safetensors"))
-            assert set(ours) == {k for k in made if k.startswith("model/")}
-            assert all(torch.equal(ours[k], made[k]) for k in ours), name
-            meta_ours = json.loads((step22 / "model" / f"{name}.json").read_text())["params"]
-            meta_made = json.loads((exported["pp2_step"] / "model" / f"{name}.json").read_text())["params"]
-            assert meta_ours == meta_made
 
 
 @pytest.mark.distributed
