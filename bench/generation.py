@@ -24,6 +24,7 @@ warnings.filterwarnings("ignore", module=r"(megatron|deepspeed|torch)(\.|$)")
 
 import torch  # noqa: E402
 
+from _malloc import reexec_with_retained_malloc  # noqa: E402
 from calm_megatron import config as C, distributed, generation as G  # noqa: E402
 
 SHAPES = {  # name: (CALM config, baseline config, prompt tokens, new tokens)
@@ -136,12 +137,16 @@ def main():
     parser.add_argument("--shapes", default="tiny,m", help="comma-separated: tiny, m")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (the best is kept)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="CPU: keep glibc's default malloc (by default the bench re-executes itself with "
+                             "freed memory kept, see bench/_malloc.py)")
     args = parser.parse_args()
+    malloc = reexec_with_retained_malloc(skip=args.system_malloc or torch.cuda.is_available())
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed.init(1, 1, seed=0, init_deepspeed=False)
     print(f"torch threads: {torch.get_num_threads()}; tokens/s = new tokens / wall time of generate() "
-          f"(prefill included), best of {args.repeats}; KV cache on; fp32 weights; exact AE argmax", flush=True)
+          f"(prefill included), best of {args.repeats}; KV cache on; fp32 weights; exact AE argmax; {malloc}", flush=True)
     try:
         results = {shape: bench_shape(shape, args.repeats) for shape in args.shapes.split(",")}
     finally:

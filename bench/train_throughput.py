@@ -17,8 +17,8 @@ prints three figures per model: tokens/s of whole steps at the bench batch, toke
 forward+backward work alone, and the projection to a 2,097,152-token step (per-token work x tokens
 + the measured fixed cost). The projection is what a training run sees.
 
-On CPU the bench re-executes itself with glibc's malloc told to keep freed memory (MALLOC_MMAP_MAX_=0,
-a 64 GiB trim threshold; --system-malloc keeps the defaults): otherwise every backward maps a fresh
+On CPU the bench re-executes itself with glibc's malloc told to keep freed memory (bench/_malloc.py;
+--system-malloc keeps the defaults): otherwise every backward maps a fresh
 525 MB dense gradient of the 128,257 x 1,024 input embedding and zero-fills it page fault by page
 fault (0.65 s per micro-batch, measured), a CPU artefact that a GPU memset does not have.
 
@@ -40,6 +40,7 @@ warnings.filterwarnings("ignore", module=r"(megatron|deepspeed|torch)(\.|$)")
 
 import torch  # noqa: E402
 
+from _malloc import reexec_with_retained_malloc  # noqa: E402
 from calm_megatron import config as C, distributed, flops  # noqa: E402
 
 SHAPES = {"tiny": ("configs/calm/tiny.yaml", "configs/ar/tiny.yaml"),
@@ -150,9 +151,6 @@ def bench_shape(shape: str, seq_len: int, micro_batch: int, steps: int, precisio
     return row
 
 
-CPU_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="tiny,m", help="comma-separated: tiny, m")
@@ -165,12 +163,9 @@ def main():
     parser.add_argument("--system-malloc", action="store_true", help="CPU: keep glibc's default malloc settings")
     parser.add_argument("--precision", default="", help="fp32 | bf16 (default: bf16 on a GPU, fp32 on CPU)")
     args = parser.parse_args()
-    if not (args.system_malloc or torch.cuda.is_available()) and \
-            any(os.environ.get(key) != value for key, value in CPU_MALLOC.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CPU_MALLOC})  # glibc reads them at start
+    malloc = reexec_with_retained_malloc(skip=args.system_malloc or torch.cuda.is_available())
     precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     layout = distributed.init(1, 1, seed=0)
-    malloc = "system malloc" if args.system_malloc or torch.cuda.is_available() else "malloc keeps freed memory"
     print(f"device {distributed.device()} | torch threads {torch.get_num_threads()} | {precision} | {malloc} | "
           f"{args.steps} timed steps per model, alternating, after 1 warm-up", flush=True)
     rows = []

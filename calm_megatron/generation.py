@@ -198,16 +198,18 @@ class ChunkDecoder:
     ``c ||x|| ||E_v||`` with c = 3.1 u + d 2^-23 (u = 2^-8: both inputs and the output rounded to
     bf16, fp32 sums), so every token within 2 c ||x|| max_v ||E_v|| of the bf16 maximum is rescored
     in float64 and the best (lowest id on ties) is returned: the argmax of the exact logits of the
-    fp32 weights. A row with more than ``max_candidates`` candidates is scored in full fp32.
+    fp32 weights. The candidates come from one top-``top_k`` pass over the bf16 logits (a wider row
+    is masked in full); a row with more than ``max_candidates`` candidates is scored in full fp32.
     """
 
-    def __init__(self, autoencoder, fast: bool = True, max_candidates: int = 256, row_block: int = 256):
+    def __init__(self, autoencoder, fast: bool = True, max_candidates: int = 256, row_block: int = 256,
+                 top_k: int = 16):
         if autoencoder.num_padded_local:
             raise ValueError("ChunkDecoder runs at TP=1 (no vocabulary padding)")
         self.ae, self.decoder = autoencoder, autoencoder.decoder
         self.chunk_size = autoencoder.ae_config.chunk_size
         self.weight = autoencoder.output_weight.detach()
-        self.fast, self.max_candidates, self.row_block = fast, max_candidates, row_block
+        self.fast, self.max_candidates, self.row_block, self.top_k = fast, max_candidates, row_block, top_k
         if fast:
             self.weight_bf16 = self.weight.to(torch.bfloat16)
             self.max_norm = float(self.weight.float().norm(dim=1).max())
@@ -244,26 +246,49 @@ class ChunkDecoder:
     def _argmax_block(self, x: torch.Tensor) -> torch.Tensor:
         with _fp32_accumulation():
             approx = F.linear(x.to(torch.bfloat16), self.weight_bf16)  # [r, V]
-        top = approx.max(-1).values.float()
+        # One top-k pass instead of max + compare + count + nonzero over the [r, V] logits: a row whose
+        # k-th largest lies below its threshold has every candidate among its top k.
+        top_values, top_ids = approx.topk(min(self.top_k, approx.shape[-1]), dim=-1)
+        threshold = self._threshold(top_values[:, 0].float(), x)
+        result = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+        covered = top_values[:, -1] < threshold
+        rows = covered.nonzero().squeeze(1)
+        if rows.numel():
+            hit_rows, hit_cols = (top_values[rows] >= threshold[rows, None]).nonzero(as_tuple=True)
+            result[rows] = self._rescore(x[rows], hit_rows, top_ids[rows][hit_rows, hit_cols])
+        rows = (~covered).nonzero().squeeze(1)
+        if rows.numel():
+            result[rows] = self._argmax_wide(x[rows], approx[rows], threshold[rows])
+        return result
+
+    def _threshold(self, top: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per row, the bf16 value below which no token can hold the exact maximum."""
         threshold = top - 2.0 * self.bound * self.max_norm * x.float().norm(dim=-1)
         # round down to bf16 (a relative 2^-7 step covers the rounding), so no candidate is lost
-        threshold = (threshold - threshold.abs() * 2.0 ** -7 - 1e-30).to(torch.bfloat16)
+        return (threshold - threshold.abs() * 2.0 ** -7 - 1e-30).to(torch.bfloat16)
+
+    def _argmax_wide(self, x: torch.Tensor, approx: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        """Rows with more than top_k candidates: rescore them all, or the whole row in fp32 past max_candidates."""
         mask = approx >= threshold[:, None]
-        counts = mask.sum(-1)
+        heavy = mask.sum(-1) > self.max_candidates
         result = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-        heavy = counts > self.max_candidates
         if heavy.any():
             result[heavy] = F.linear(x[heavy], self.weight).argmax(-1)
         light = (~heavy).nonzero().squeeze(1)
-        rows, cols = mask[light].nonzero(as_tuple=True)
-        exact = (x[light][rows].double() * self.weight[cols].double()).sum(-1)
-        best_value = torch.full((light.numel(),), -math.inf, dtype=torch.float64, device=x.device)
+        if light.numel():
+            rows, cols = mask[light].nonzero(as_tuple=True)
+            result[light] = self._rescore(x[light], rows, cols)
+        return result
+
+    def _rescore(self, x: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The float64 argmax over each row's candidates (``ids`` of row ``rows``); lowest id on ties."""
+        exact = (x[rows].double() * self.weight[ids].double()).sum(-1)
+        best_value = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
         best_value.scatter_reduce_(0, rows, exact, "amax")
         winners = exact == best_value[rows]
-        best = torch.full((light.numel(),), self.weight.shape[0], dtype=torch.long, device=x.device)
-        best.scatter_reduce_(0, rows[winners], cols[winners], "amin")
-        result[light] = best
-        return result
+        best = torch.full((x.shape[0],), self.weight.shape[0], dtype=torch.long, device=x.device)
+        best.scatter_reduce_(0, rows[winners], ids[winners], "amin")
+        return best
 
 
 _DECODERS: "weakref.WeakKeyDictionary" = None

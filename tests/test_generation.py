@@ -206,13 +206,16 @@ def test_fast_argmax_is_the_exact_argmax(megatron_single):
     x = torch.randn(700, 96, generator=gen)
     x[:3] = weight[[5, 17, 19999]] * 50  # near-certain winners
     x[3] = 0  # every token ties: the lowest id wins (the full-fp32 path for a heavy row)
+    weight[100:140] = weight[100]  # 40 identical rows: more candidates than the top-k pass holds ...
+    x[4] = weight[100] * 50  # ... so this row is masked in full and rescored: the lowest id wins
     fake = type("AE", (), {"num_padded_local": 0, "decoder": None, "output_weight": weight,
                            "ae_config": type("A", (), {"chunk_size": 4})()})()
     fast, plain = ChunkDecoder(fake, fast=True), ChunkDecoder(fake, fast=False)
     exact = (x.double() @ weight.double().t()).argmax(-1)
     assert torch.equal(fast.argmax(x), exact)
     assert torch.equal(plain.argmax(x), exact)
-    assert fast.argmax(x)[:4].tolist() == [5, 17, 19999, 0]
+    assert fast.argmax(x)[:5].tolist() == [5, 17, 19999, 0, 100]
+    assert fast.top_k < 40 < fast.max_candidates
 
 
 def test_chunk_decoder_matches_the_autoencoder(calm):
