@@ -86,3 +86,16 @@ def test_calm_forward_flops_equal_torch_flop_counter(megatron_single):
     expected = batch * (chunks - 1) * (parts["backbone"] + parts["head"] + parts["ae_encoder"])
     # Norm weights and biases are counted as matmul parameters: a ~1% overestimate at these tiny widths.
     assert counted + attention_flops(cfg, batch * (chunks - 1), chunks) == pytest.approx(expected, rel=0.02)
+
+
+def test_monitor_logs_model_tflops_and_mfu_per_device():
+    from calm_megatron.training.monitor import Monitor
+
+    cfg = C.load(str(REPO / "configs/calm/tiny.yaml"), ["train.peak_tflops=100"])
+    monitor = Monitor(cfg, rank=1, tokens_per_step=1024, world_size=2)
+    got = monitor.utilisation(tokens_per_s=5000.0)
+    per_device = flops.training_flops_per_token(cfg) * 5000.0 / 2
+    assert got["tflops_per_device"] == pytest.approx(per_device / 1e12, rel=1e-12)
+    assert got["mfu"] == pytest.approx(per_device / 100e12, rel=1e-12)
+    cpu = Monitor(C.load(str(REPO / "configs/calm/tiny.yaml"), []), rank=1, tokens_per_step=1024)
+    assert "mfu" not in cpu.utilisation(5000.0)  # no known peak on a CPU: no MFU
