@@ -723,9 +723,8 @@ def load_model_for_inference(path: str, tokenizer: Optional[str] = None, precisi
 
     if is_hf_folder(path):
         return _load_hf_for_inference(path, tokenizer, precision)
-    from megatron.core import parallel_state as ps
-
     from calm_megatron import config as C, distributed
+    from calm_megatron.hf.loading import ensure_runtime
     from calm_megatron.training import checkpoint
 
     step = checkpoint.resolve_step(path)
@@ -734,11 +733,7 @@ def load_model_for_inference(path: str, tokenizer: Optional[str] = None, precisi
     cfg = C.load(str(step / "config.yaml"))
     if cfg.run.stage not in ("calm", "ar"):
         raise ValueError(f"{step} is a run.stage={cfg.run.stage!r} checkpoint; generation needs a calm or ar run")
-    if not ps.model_parallel_is_initialized():
-        distributed.init(1, 1, seed=cfg.run.seed, init_deepspeed=False)
-    elif ps.get_tensor_model_parallel_world_size() > 1 or ps.get_pipeline_model_parallel_world_size() > 1:
-        raise ValueError("load_model_for_inference builds the whole model in one process: call it outside "
-                         "a TP/PP>1 parallel state")
+    ensure_runtime(cfg.run.seed)  # one process, TP=1 and PP=1: the whole model is built here
     tensors, partition = _merged_weights(step, cfg.model.num_layers)
     if cfg.run.stage == "calm":
         from calm_megatron.models.autoencoder import build_autoencoder

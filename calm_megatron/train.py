@@ -45,6 +45,12 @@ def load_and_validate(args: argparse.Namespace, world_size: int) -> C.Config:
     return cfg
 
 
+def _data_error_exit(err, prefix: str) -> int:
+    """Report a data error; storage down or too slow is resumable (requeue), corrupt or missing data is not."""
+    print(f"{prefix}: {err}", file=sys.stderr)
+    return EXIT_REQUEUE if err.resumable else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Validate, initialise the parallel runtime, train, tear down. Returns the process exit code."""
     args = parse_args(argv)
@@ -59,8 +65,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = load_and_validate(args, env.world_size)
     except DataLoaderError as err:  # e.g. the object store is down while the shard index is read
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_REQUEUE if err.resumable else 1
+        return _data_error_exit(err, "error")
     except (C.ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -82,9 +87,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CheckpointError as err:
         print(f"error (rank {layout.rank}): {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    except DataLoaderError as err:  # storage down or too slow: resumable; corrupt or missing data: not
-        print(f"error (rank {layout.rank}): {err}", file=sys.stderr)
-        return EXIT_REQUEUE if err.resumable else 1
+    except DataLoaderError as err:
+        return _data_error_exit(err, f"error (rank {layout.rank})")
     finally:
         distributed.teardown()
     return EXIT_REQUEUE if summary.get("preempted") else 0
