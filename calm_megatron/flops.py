@@ -50,7 +50,9 @@ def calm_flops_per_chunk(cfg: C.Config, context: int, head_samples: int) -> dict
 
     m = cfg.model
     counts = count_parameters_calm(m)
-    shared = m.hidden_size * m.hidden_size + m.hidden_size  # the head's hidden projection: once for all samples
+    # Once per position for all samples: the head's hidden projection and each block's condition half
+    # of its fuse-in linear (models/energy_head.py).
+    shared = (1 + m.head_blocks) * (m.hidden_size * m.hidden_size + m.hidden_size)
     return {"backbone": backbone_flops_per_position(m, context) + 2 * counts.input_compression,
             "head": 2 * (shared + head_samples * (counts.head - shared)),
             "ae_encoder": ae_encoder_flops_per_chunk(cfg.autoencoder),

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, copy_to_tensor_model_parallel_region
 from megatron.core.utils import init_method_normal
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -63,8 +63,20 @@ class EnergyBlock(nn.Module):
         self.value = linears.column(d, d)  # Lin_{d->2d}[d:]
         self.out = linears.row(d, d)  # Lin_{d->d}
 
-    def forward(self, e: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        u = F.silu(self.fuse_in(torch.cat([self.norm(e), c], dim=-1))[0])
+    def condition(self, c: torch.Tensor) -> torch.Tensor:
+        """The c half of ``fuse_in`` plus its bias, ``[..., d/tp]``: once per position, shared by its samples."""
+        d = c.size(-1)
+        c = copy_to_tensor_model_parallel_region(c)  # the input-gradient all-reduce ColumnParallelLinear does
+        return F.linear(c, self.fuse_in.weight[:, d:], self.fuse_in.bias)
+
+    def forward(self, e: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """e ``[samples, rows, d]`` and this block's :meth:`condition` ``[1 or samples, rows, d/tp]``.
+
+        Equal to the reference ``fuse_in([LN(e); c])``: the weight's columns split at d, so that the
+        condition's product is not repeated for every sample.
+        """
+        x = copy_to_tensor_model_parallel_region(self.norm(e))
+        u = F.silu(F.linear(x, self.fuse_in.weight[:, :e.size(-1)]) + condition)
         u = F.silu(self.fuse_out(u)[0])
         return e + self.out(F.silu(self.gate(u)[0]) * self.value(u)[0])[0]
 
@@ -97,15 +109,22 @@ class EnergyHead(nn.Module):
         return torch.rand(*shape, self.noise_size, device=device, dtype=dtype, generator=generator) - 0.5
 
     def generate(self, c: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Latents ``[..., l]`` from conditions ``c [..., d]`` and noise ``[..., noise_size]`` (same leading dims)."""
+        """Latents ``[S, ..., l]`` from conditions ``c [1 or S, ..., d]`` and noise ``[S, ..., noise_size]``.
+
+        ``c`` broadcasts over the leading (sample) dim: each block's condition product is computed
+        once per position, not once per sample.
+        """
         lead = noise.shape[:-1]
-        c = c.expand(*lead, c.size(-1)).reshape(-1, c.size(-1))  # Megatron linears want 2-D rows
-        e = self.noise_norm(self.noise_proj(noise.reshape(-1, noise.size(-1)).to(c.dtype))[0])
+        samples, rows = lead[0], noise[0].numel() // noise.size(-1)
+        c = c.expand(c.size(0), *lead[1:], c.size(-1)).reshape(c.size(0), rows, c.size(-1))
+        e = self.noise_norm(self.noise_proj(noise.reshape(samples * rows, -1).to(c.dtype))[0])
+        e = e.view(samples, rows, -1)
         for block in self.blocks:
+            condition = block.condition(c)
             if self.recompute_blocks and self.training and torch.is_grad_enabled():
-                e = checkpoint(block, e, c, use_reentrant=False)
+                e = checkpoint(block, e, condition, use_reentrant=False)
             else:
-                e = block(e, c)
+                e = block(e, condition)
         z = self.final_fc2(F.silu(self.final_fc1(self.final_norm(e))[0]))[0]
         return z.view(*lead, self.latent_size)
 
