@@ -35,7 +35,7 @@ COMMON = ["train.seq_len=32", "train.global_batch_size=4", "train.micro_batch_si
           # Adam's normalised update turns float-rounding noise on a few near-zero gradients into lr-sized
           # weight differences; at init_std 0.06 six AE weights differ by up to 7.5e-4 after one step
           # (all others <= 1e-6) and the next grad norm by 6e-5. At 0.02 no gradient sits at that edge.
-          "autoencoder.init_std=0.02"]
+          "autoencoder.init_std=0.02", "model.init_std=0.02"]
 MODEL = {"ae": ["autoencoder.variational=false"], "calm": [], "ar": []}
 OPTIMS = {"sgd": ["optim.optimizer=sgd", "optim.lr=0.05", "optim.grad_clip=0.0"],
           "adamw": ["optim.optimizer=adamw", "optim.lr=0.003", "optim.grad_clip=0.0"]}
