@@ -42,6 +42,7 @@ import torch  # noqa: E402
 
 from _malloc import reexec_with_retained_malloc  # noqa: E402
 from calm_megatron import config as C, distributed, flops  # noqa: E402
+from calm_megatron.training.trainer import Trainer  # noqa: E402
 
 SHAPES = {"tiny": ("configs/calm/tiny.yaml", "configs/ar/tiny.yaml"),
           "m": ("configs/calm/m.yaml", "configs/ar/m.yaml")}
@@ -53,24 +54,9 @@ def load_config(path: str, seq_len: int, micro_batch: int, precision: str) -> C.
                  f"train.global_batch_size={micro_batch}", f"train.precision={precision}", "optim.warmup_steps=0",
                  "logging.wandb_mode=disabled", "train.progress_bar=false", f"checkpoint.save={save}",
                  "parallel.zero_stage=0"]
-    if "calm" in Path(path).parts:
-        overrides.append("model.autoencoder_checkpoint=random")  # replaced by a random AE in build_trainer
+    if "calm" in Path(path).parts:  # a random frozen AE of the configured size: the same cost
+        overrides.append(f"model.autoencoder_checkpoint={C.RANDOM_AUTOENCODER}")
     return C.load(path, overrides)
-
-
-def build_trainer(cfg: C.Config, layout, batches):
-    """The real Trainer; CALM gets a random frozen autoencoder of the configured size."""
-    from calm_megatron.models.autoencoder import build_autoencoder
-    from calm_megatron.training import stages
-    from calm_megatron.training.trainer import Trainer
-
-    original = stages.CALMStage.load_autoencoder
-    stages.CALMStage.load_autoencoder = lambda self: build_autoencoder(
-        self.cfg.autoencoder, precision=self.cfg.train.precision).requires_grad_(False)
-    try:
-        return Trainer(cfg, layout, batches=batches)
-    finally:
-        stages.CALMStage.load_autoencoder = original
 
 
 def random_batches(vocab: int, shape, seed: int):
@@ -115,7 +101,7 @@ def timed_step(trainer) -> float:
 
 def bench_shape(shape: str, seq_len: int, micro_batch: int, steps: int, precision: str, layout) -> dict:
     cfgs = {name: load_config(path, seq_len, micro_batch, precision) for name, path in zip(("calm", "ar"), SHAPES[shape])}
-    trainers = {name: build_trainer(cfg, layout, random_batches(cfg.model.vocab_size, (micro_batch, seq_len), 0))
+    trainers = {name: Trainer(cfg, layout, batches=random_batches(cfg.model.vocab_size, (micro_batch, seq_len), 0))
                 for name, cfg in cfgs.items()}
     seconds = {name: {"total": 0.0, "fixed": 0.0} for name in trainers}
     for name, trainer in trainers.items():  # warm-up: allocator, DeepSpeed's first step

@@ -27,6 +27,9 @@ class ConfigError(ValueError):
     """A configuration problem found before any heavy work starts."""
 
 
+RANDOM_AUTOENCODER = "random"  # model.autoencoder_checkpoint value: a random frozen AE (benchmarks)
+
+
 @dataclass
 class RunConfig:
     """What is trained and where its outputs go."""
@@ -76,7 +79,9 @@ class ModelConfig:
     num_samples: int = 8  # N model samples per position
     num_targets: int = 100  # M posterior targets per position
     energy_alpha: float = 1.0  # exponent of the energy score, in (0, 2)
-    autoencoder_checkpoint: str = ""  # stage-1 checkpoint (directory) whose AE is frozen inside CALM
+    # Stage-1 checkpoint (directory) whose AE is frozen inside CALM; RANDOM_AUTOENCODER builds a random
+    # one of the `autoencoder` section instead (benchmarks: same cost, nothing worth learning).
+    autoencoder_checkpoint: str = ""
 
 
 @dataclass
@@ -392,6 +397,12 @@ def _validate_autoencoder_checkpoint(cfg: Config) -> None:
 
     path = cfg.model.autoencoder_checkpoint
     _check(bool(path), "model.autoencoder_checkpoint is empty: CALM needs a stage-1 (autoencoder) run or step")
+    if path == RANDOM_AUTOENCODER:
+        for key in ("chunk_size", "latent_size", "vocab_size"):
+            _check(getattr(cfg.model, key) == getattr(cfg.autoencoder, key),
+                   f"model.{key}={getattr(cfg.model, key)} but autoencoder.{key}={getattr(cfg.autoencoder, key)} "
+                   f"(model.autoencoder_checkpoint={RANDOM_AUTOENCODER} builds the autoencoder section)")
+        return
     try:
         step = resolve_step(path)
     except CheckpointError as err:

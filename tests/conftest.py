@@ -26,21 +26,10 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def megatron_single():
     """A one-process gloo group with Megatron-Core parallel state (tp=1, pp=1) for model tests."""
-    import torch.distributed as dist
     from calm_megatron import distributed
+    from calm_megatron.hf.loading import ensure_runtime
 
-    if not dist.is_initialized():
-        saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(free_port())
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-            os.environ.pop(key, None)
-        distributed.init(tp=1, pp=1, seed=1234, init_deepspeed=False)
-        # The group exists now; leave no rank variables behind for the subprocesses later tests start.
-        for key, value in saved.items():
-            os.environ.pop(key, None)
-            if value is not None:
-                os.environ[key] = value
+    ensure_runtime(seed=1234)
     yield distributed.current_layout()
 
 

@@ -160,3 +160,17 @@ def test_calm_refuses_autoencoder_that_disagrees(tmp_path, field, value):
 def test_calm_refuses_missing_autoencoder(tmp_path):
     result = _train_cli(str(REPO / "configs/calm/tiny.yaml"), f"model.autoencoder_checkpoint={tmp_path / 'nope'}")
     assert result.returncode == 2 and "model.autoencoder_checkpoint" in result.stderr and "nope" in result.stderr
+
+
+def test_random_autoencoder_is_built_from_the_autoencoder_section(megatron_single):
+    """`model.autoencoder_checkpoint=random` (benchmarks): validated against the autoencoder section, then built."""
+    from calm_megatron.training.stages import CALMStage
+
+    cfg = C.load(str(REPO / "configs/calm/tiny.yaml"), [f"model.autoencoder_checkpoint={C.RANDOM_AUTOENCODER}"])
+    C._validate_autoencoder_checkpoint(cfg)
+    autoencoder = CALMStage(cfg).load_autoencoder()
+    assert autoencoder.ae_config == cfg.autoencoder
+    bad = C.load(str(REPO / "configs/calm/tiny.yaml"), [f"model.autoencoder_checkpoint={C.RANDOM_AUTOENCODER}",
+                                                        "autoencoder.latent_size=16"])
+    with pytest.raises(C.ConfigError, match="model.latent_size=32 but autoencoder.latent_size=16"):
+        C._validate_autoencoder_checkpoint(bad)

@@ -9,8 +9,6 @@ no weights are allocated.
 """
 from __future__ import annotations
 
-import os
-import socket
 import sys
 from typing import Callable, Dict
 
@@ -25,18 +23,10 @@ _OWNED_GROUP: list = []  # non-empty once this tool created the process group
 def _one_rank_megatron_group() -> None:
     """A 1-rank gloo group with Megatron-Core parallel state (its layers need one to be built)."""
     import torch.distributed as dist
-    from calm_megatron import distributed
+    from calm_megatron.hf.loading import ensure_runtime
 
-    if dist.is_initialized():
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        os.environ.pop(key, None)
-    distributed.init(tp=1, pp=1, init_deepspeed=False)
-    _OWNED_GROUP.append(True)
+    if not dist.is_initialized() and ensure_runtime():
+        _OWNED_GROUP.append(True)
 
 
 def _teardown_owned_group() -> None:

@@ -29,8 +29,13 @@ class LoadedModel:
     config: C.Config  # the run's config (a checkpoint's own; for an HF folder: stage, model sections, tokenizer)
 
 
-def ensure_runtime(seed: int = 1234) -> None:
-    """A one-process gloo group and Megatron-Core parallel state (TP=1, PP=1) unless one exists."""
+def ensure_runtime(seed: int = 1234) -> bool:
+    """A one-process gloo group and Megatron-Core parallel state (TP=1, PP=1) unless one exists.
+
+    The group gets a free port of its own whatever rank variables the environment holds, and the
+    environment is left as it was (child processes must not inherit this process's port). Returns
+    True when it created the group (the caller owns it and may tear it down).
+    """
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -38,19 +43,21 @@ def ensure_runtime(seed: int = 1234) -> None:
         if parallel_state.get_tensor_model_parallel_world_size() != 1 or \
                 parallel_state.get_pipeline_model_parallel_world_size() != 1:
             raise RuntimeError("loading a full model for inference needs TP=1 and PP=1 in this process")
-        return
+        return False
     import os
 
     from calm_megatron import distributed
 
     keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    saved = {key: os.environ.get(key) for key in keys}
-    distributed.init(tp=1, pp=1, seed=seed, init_deepspeed=False)
-    for key, value in saved.items():  # the group exists: don't hand this process's port to child processes
-        if value is None:
+    saved = {key: os.environ.pop(key, None) for key in keys}
+    try:
+        distributed.init(tp=1, pp=1, seed=seed, init_deepspeed=False)
+    finally:
+        for key, value in saved.items():
             os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+            if value is not None:
+                os.environ[key] = value
+    return True
 
 
 def build_model(kind: str, model_cfg: Optional[C.ModelConfig], ae_cfg: Optional[C.AutoencoderConfig],

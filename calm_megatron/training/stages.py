@@ -1,6 +1,7 @@
 """What differs between the training stages (autoencoder, CALM, baseline): model, metrics, eval, export."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Dict, Iterable, List
 
@@ -8,6 +9,8 @@ import torch
 import torch.distributed as dist
 
 from calm_megatron import config as C
+
+log = logging.getLogger("calm_megatron")
 
 
 def _sum_over_dp(values: Dict[str, float]) -> Dict[str, float]:
@@ -102,11 +105,16 @@ class CALMStage:
         self.cfg = cfg
 
     def load_autoencoder(self):
-        """The frozen AE from `model.autoencoder_checkpoint`, at this run's TP size."""
+        """The frozen AE from `model.autoencoder_checkpoint`, at this run's TP size (or a random one)."""
         from calm_megatron.models.autoencoder import build_autoencoder
         from calm_megatron.models.calm import check_autoencoder_compatible
         from calm_megatron.training import checkpoint
 
+        if self.cfg.model.autoencoder_checkpoint == C.RANDOM_AUTOENCODER:
+            log.warning("model.autoencoder_checkpoint=%s: a RANDOM frozen autoencoder (for benchmarks; "
+                        "the CALM learns nothing meaningful)", C.RANDOM_AUTOENCODER)
+            check_autoencoder_compatible(self.cfg.model, self.cfg.autoencoder)
+            return build_autoencoder(self.cfg.autoencoder, precision=self.cfg.train.precision)
         ae_cfg, tensors, step = checkpoint.load_autoencoder_weights(self.cfg.model.autoencoder_checkpoint)
         check_autoencoder_compatible(self.cfg.model, ae_cfg)
         autoencoder = build_autoencoder(ae_cfg, precision=self.cfg.train.precision)
