@@ -23,6 +23,7 @@ On CPU the bench re-executes itself with glibc's malloc told to keep freed memor
 fault (0.65 s per micro-batch, measured), a CPU artefact that a GPU memset does not have.
 
 usage: .venv/bin/python bench/train_throughput.py [--shapes tiny,m] [--steps 4] [--seq-len-m 256]
+                                                 [--micro-batch 2] [--accumulate 1]
 """
 import argparse
 import json
@@ -48,10 +49,11 @@ SHAPES = {"tiny": ("configs/calm/tiny.yaml", "configs/ar/tiny.yaml"),
           "m": ("configs/calm/m.yaml", "configs/ar/m.yaml")}
 
 
-def load_config(path: str, seq_len: int, micro_batch: int, precision: str) -> C.Config:
+def load_config(path: str, seq_len: int, micro_batch: int, accumulate: int, precision: str) -> C.Config:
     save = tempfile.mkdtemp(prefix="bench_throughput_")
     overrides = [f"train.seq_len={seq_len}", f"train.micro_batch_size={micro_batch}",
-                 f"train.global_batch_size={micro_batch}", f"train.precision={precision}", "optim.warmup_steps=0",
+                 f"train.global_batch_size={micro_batch * accumulate}", f"train.precision={precision}",
+                 "optim.warmup_steps=0",
                  "logging.wandb_mode=disabled", "train.progress_bar=false", f"checkpoint.save={save}",
                  "parallel.zero_stage=0"]
     if "calm" in Path(path).parts:  # a random frozen AE of the configured size: the same cost
@@ -99,8 +101,10 @@ def timed_step(trainer) -> float:
     return time.perf_counter() - start
 
 
-def bench_shape(shape: str, seq_len: int, micro_batch: int, steps: int, precision: str, layout) -> dict:
-    cfgs = {name: load_config(path, seq_len, micro_batch, precision) for name, path in zip(("calm", "ar"), SHAPES[shape])}
+def bench_shape(shape: str, seq_len: int, micro_batch: int, accumulate: int, steps: int, precision: str,
+                layout) -> dict:
+    cfgs = {name: load_config(path, seq_len, micro_batch, accumulate, precision)
+            for name, path in zip(("calm", "ar"), SHAPES[shape])}
     trainers = {name: Trainer(cfg, layout, batches=random_batches(cfg.model.vocab_size, (micro_batch, seq_len), 0))
                 for name, cfg in cfgs.items()}
     seconds = {name: {"total": 0.0, "fixed": 0.0} for name in trainers}
@@ -110,9 +114,9 @@ def bench_shape(shape: str, seq_len: int, micro_batch: int, steps: int, precisio
     for _ in range(steps):
         for name, trainer in trainers.items():
             seconds[name]["total"] += timed_step(trainer)
-    tokens = steps * micro_batch * seq_len
+    tokens = steps * accumulate * micro_batch * seq_len
     model_flops = {name: flops.training_flops_per_token(cfg) for name, cfg in cfgs.items()}
-    row = {"shape": shape, "seq_len": seq_len, "micro_batch": micro_batch,
+    row = {"shape": shape, "seq_len": seq_len, "micro_batch": micro_batch, "accumulate": accumulate,
            "flops_ratio": model_flops["ar"] / model_flops["calm"]}
     for name, sec in seconds.items():
         per_token = (sec["total"] - sec["fixed"]) / tokens
@@ -125,7 +129,7 @@ def bench_shape(shape: str, seq_len: int, micro_batch: int, steps: int, precisio
         row[f"ratio_{key}"] = row["calm"][key] / row["ar"][key]
     for name, label in (("calm", "CALM    "), ("ar", "baseline")):
         r = row[name]
-        print(f"{shape:4s} seq {seq_len} x {micro_batch}  {label} {r['tokens_per_s']:9.1f} tok/s per step | "
+        print(f"{shape:4s} seq {seq_len} x {micro_batch} x {accumulate}  {label} {r['tokens_per_s']:9.1f} tok/s per step | "
               f"fwd+bwd {r['fwd_bwd_tokens_per_s']:9.1f} tok/s + {r['fixed_s_per_step']:.2f} s fixed per step | "
               f"at a 2M-token step {r['paper_batch_tokens_per_s']:9.1f} tok/s "
               f"({r['gflops_per_token']:.3f} GFLOP/token, {r['paper_batch_tokens_per_s'] * r['gflops_per_token'] / 1e3:.3f}"
@@ -144,7 +148,9 @@ def main():
     parser.add_argument("--seq-len-tiny", type=int, default=256, help="tokens per sequence at the tiny shapes")
     parser.add_argument("--seq-len-m", type=int, default=256,
                         help="tokens per sequence at the paper-M shapes (the paper: 2048 for AR, 8192 for CALM)")
-    parser.add_argument("--micro-batch", type=int, default=2, help="sequences per step")
+    parser.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch")
+    parser.add_argument("--accumulate", type=int, default=1,
+                        help="micro-batches per optimizer step (gradient accumulation): a bigger measured step")
     parser.add_argument("--json", default="", help="also write the rows here")
     parser.add_argument("--system-malloc", action="store_true", help="CPU: keep glibc's default malloc settings")
     parser.add_argument("--precision", default="", help="fp32 | bf16 (default: bf16 on a GPU, fp32 on CPU)")
@@ -158,7 +164,7 @@ def main():
     try:
         for shape in args.shapes.split(","):
             seq_len = args.seq_len_m if shape == "m" else args.seq_len_tiny
-            rows.append(bench_shape(shape, seq_len, args.micro_batch, args.steps, precision, layout))
+            rows.append(bench_shape(shape, seq_len, args.micro_batch, args.accumulate, args.steps, precision, layout))
     finally:
         distributed.teardown()
     for row in rows:
