@@ -23,7 +23,7 @@ On CPU the bench re-executes itself with glibc's malloc told to keep freed memor
 fault (0.65 s per micro-batch, measured), a CPU artefact that a GPU memset does not have.
 
 usage: .venv/bin/python bench/train_throughput.py [--shapes tiny,m] [--steps 4] [--seq-len-m 256]
-                                                 [--micro-batch 2] [--accumulate 1]
+                                                 [--micro-batch 2] [--accumulate 4]
 """
 import argparse
 import json
@@ -149,7 +149,7 @@ def main():
     parser.add_argument("--seq-len-m", type=int, default=256,
                         help="tokens per sequence at the paper-M shapes (the paper: 2048 for AR, 8192 for CALM)")
     parser.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch")
-    parser.add_argument("--accumulate", type=int, default=1,
+    parser.add_argument("--accumulate", type=int, default=4,
                         help="micro-batches per optimizer step (gradient accumulation): a bigger measured step")
     parser.add_argument("--json", default="", help="also write the rows here")
     parser.add_argument("--system-malloc", action="store_true", help="CPU: keep glibc's default malloc settings")
