@@ -22,8 +22,6 @@ class LoadedModel:
     """A model ready for inference and what it came from."""
     model: torch.nn.Module  # eval mode, fp32 (or ``precision``), on the CPU
     kind: str  # ae | calm | ar
-    model_cfg: Optional[C.ModelConfig]
-    ae_cfg: Optional[C.AutoencoderConfig]
     tokenizer: str  # a path our tokenizer loader reads ('' if none is known)
     source: Path
     config: C.Config  # the run's config (a checkpoint's own; for an HF folder: stage, model sections, tokenizer)
@@ -106,7 +104,7 @@ def load_checkpoint_model(path: str, precision: str = "fp32") -> LoadedModel:
     model = build_model(reader.kind, reader.model_cfg, reader.ae_cfg, precision)
     copy_into(model, ((name, reader.tensor(name)) for name in reader.params), str(reader.step))
     tokenizer = reader.cfg.data.tokenizer if reader.cfg.data.tokenizer and Path(reader.cfg.data.tokenizer).exists() else ""
-    return LoadedModel(model.eval(), reader.kind, reader.model_cfg, reader.ae_cfg, tokenizer, reader.step, reader.cfg)
+    return LoadedModel(model.eval(), reader.kind, tokenizer, reader.step, reader.cfg)
 
 
 def load_hf_model(folder: str, precision: str = "fp32") -> LoadedModel:
@@ -124,7 +122,7 @@ def load_hf_model(folder: str, precision: str = "fp32") -> LoadedModel:
         cfg.model = source.model_cfg
     if source.ae_cfg is not None:
         cfg.autoencoder = source.ae_cfg
-    return LoadedModel(model.eval(), source.kind, source.model_cfg, source.ae_cfg, tokenizer, source.folder, cfg)
+    return LoadedModel(model.eval(), source.kind, tokenizer, source.folder, cfg)
 
 
 def load_hf_as_ours(folder: str, precision: str = "fp32") -> torch.nn.Module:
