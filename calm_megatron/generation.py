@@ -40,7 +40,6 @@ rescored in float64 (:class:`ChunkDecoder`). Single process, TP = PP = 1
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -605,159 +604,35 @@ class InferenceModel:
     tokenizer: object = None  # calm_megatron.data.tokenizer.Tokenizer, when one was found
 
 
-def _merged_weights(step: Path, num_layers: int) -> Tuple[dict, dict]:
-    """Full (TP=1, PP=1) tensors and their partition dims from ``model/tp*_pp*.safetensors`` of a step.
-
-    TP shards are joined along the partition dim of the JSON metadata; a gated MLP's ``linear_fc1``
-    (each shard is [its gates; its ups]) is regrouped into [all gates; all ups]. Layer names are
-    global in current checkpoints; older ones numbered each pipeline stage's layers from 0, and are
-    renumbered by p * num_layers / pp.
-    """
-    from safetensors.torch import load_file
-
-    metas = sorted((step / "model").glob("tp*_pp*.json"))
-    if not metas:
-        raise FileNotFoundError(f"{step}: no model shards (model/tp*_pp*.safetensors)")
-    stages = sorted({m.stem.split("_pp")[1] for m in metas})
-    tensors, partition = {}, {}
-    for p, stage in enumerate(stages):
-        shard_metas = sorted((step / "model").glob(f"tp*_pp{stage}.json"))
-        meta = json.loads(shard_metas[0].read_text())
-        if len(shard_metas) != meta["tp"]:
-            raise FileNotFoundError(f"{step}: {len(shard_metas)} of {meta['tp']} TP shards of stage {p}")
-        shards = [load_file(str(m.with_suffix(".safetensors"))) for m in shard_metas]
-        layers = [int(n.split(_LAYERS, 1)[1].split(".")[0]) for n in meta["params"] if _LAYERS in n]
-        offset = p * num_layers // len(stages) if p and layers and min(layers) == 0 else 0
-        for name, info in meta["params"].items():
-            parts = [s[f"model/{name}"] for s in shards]
-            dim = info["partition_dim"]
-            glu = info.get("glu", name.endswith("mlp.linear_fc1.weight"))
-            if dim < 0 or len(parts) == 1:
-                value = parts[0]
-            elif glu:
-                halves = [part.chunk(2, dim=dim) for part in parts]
-                value = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
-            else:
-                value = torch.cat(parts, dim=dim)
-            tensors[_renumber(name, offset)] = value
-            partition[_renumber(name, offset)] = dim
-    return tensors, partition
-
-
-_LAYERS = "backbone.decoder.layers."
-
-
-def _renumber(name: str, offset: int) -> str:
-    if offset == 0 or _LAYERS not in name:
-        return name
-    head, tail = name.split(_LAYERS, 1)
-    index, rest = tail.split(".", 1)
-    return f"{head}{_LAYERS}{int(index) + offset}.{rest}"
-
-
-def _autoencoder_config(cfg, tensors: dict):
-    """The frozen AE's config: its stage-1 config when reachable, with the sizes read off the weights."""
-    import dataclasses
-
-    from calm_megatron import config as C
-    from calm_megatron.training.checkpoint import AE_CONFIG, CheckpointError, resolve_step
-
-    ae = cfg.autoencoder
-    if cfg.model.autoencoder_checkpoint:
-        try:
-            meta = resolve_step(cfg.model.autoencoder_checkpoint) / AE_CONFIG
-            if meta.is_file():
-                ae = C.from_dict({"autoencoder": json.loads(meta.read_text())}).autoencoder
-        except (CheckpointError, C.ConfigError, OSError, ValueError):
-            pass  # moved or unreadable: the run's own autoencoder section, sizes from the weights
-    count = lambda part: len({n.split(part)[1].split(".")[0] for n in tensors if part in n})
-    embed = tensors["autoencoder.encoder.embed_tokens.weight"]
-    ffn = next((v.shape[0] for n, v in tensors.items()
-                if n.startswith("autoencoder.") and n.endswith("mlp.gate_proj.weight")), ae.intermediate_size)
-    return dataclasses.replace(
-        ae, vocab_size=cfg.model.vocab_size, chunk_size=cfg.model.chunk_size, latent_size=cfg.model.latent_size,
-        hidden_size=embed.shape[1], intermediate_size=ffn,
-        num_encoder_layers=count("encoder.layers_before_squeeze.") + count("encoder.layers_after_squeeze."),
-        num_decoder_layers=count("decoder.layers_before_expand.") + count("decoder.layers_after_expand."))
-
-
-def _copy_weights(model: torch.nn.Module, tensors: dict, partition: dict, source: Path) -> None:
-    own = dict(model.named_parameters())
-    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    if missing or extra:
-        raise ValueError(f"{source}: the checkpoint does not match the model built from its config.yaml: "
-                         f"missing {missing[:4]}, unexpected {extra[:4]}")
-    with torch.no_grad():
-        for name, param in own.items():
-            value = tensors[name]
-            dim = partition[name]
-            if dim >= 0 and value.shape[dim] > param.shape[dim]:  # vocabulary padding of a TP>1 run
-                value = value.narrow(dim, 0, param.shape[dim])
-            if tuple(value.shape) != tuple(param.shape):
-                raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, the model expects "
-                                 f"{tuple(param.shape)}")
-            param.copy_(value.to(param.dtype))
-
-
-def _load_hf_for_inference(folder: str, tokenizer: Optional[str], precision: str) -> InferenceModel:
-    """An exported/reference HF folder (EnergyTransformer, Autoencoder-backed CALM, or Llama) as ours."""
-    from calm_megatron.data.tokenizer import load_tokenizer
-    from calm_megatron.hf.loading import load_hf_model
-
-    loaded = load_hf_model(folder, precision=precision)
-    tok_path = tokenizer or loaded.tokenizer
-    return InferenceModel(model=loaded.model, config=loaded.config, stage=loaded.kind, step=Path(folder),
-                          tokenizer=load_tokenizer(tok_path) if tok_path else None)
-
-
 def load_model_for_inference(path: str, tokenizer: Optional[str] = None, precision: str = "fp32",
                              device: Optional[torch.device] = None, verify: bool = True) -> InferenceModel:
     """Rebuild a CALM or baseline run for generation from a run dir, checkpoints dir, step dir or HF folder.
 
-    The model is built from the step's config.yaml at TP=1/PP=1 and filled from its model shards
-    (TP shards concatenated, PP stages merged); a CALM's frozen AE comes from the same shards
-    (``autoencoder.*``). The tokenizer is ``tokenizer`` or the config's ``data.tokenizer`` (None when
-    neither exists). Initialises a one-process Megatron parallel state when none exists.
+    The model is built at TP=1/PP=1 from the step's config.yaml (or the HF folder's config) and
+    filled by :mod:`calm_megatron.hf.loading` (TP shards joined, PP stages merged; a CALM's frozen AE
+    from the same shards). ``verify`` checks a step's manifest first. The tokenizer is ``tokenizer``
+    or the run's own (None when neither exists). Initialises a one-process Megatron parallel state
+    when none exists.
     """
+    from calm_megatron import distributed
+    from calm_megatron.data.tokenizer import load_tokenizer
+    from calm_megatron.hf.loading import load_checkpoint_model, load_hf_model
     from calm_megatron.hf.source import is_hf_folder
 
     if is_hf_folder(path):
-        return _load_hf_for_inference(path, tokenizer, precision)
-    from calm_megatron import config as C, distributed
-    from calm_megatron.hf.loading import ensure_runtime
-    from calm_megatron.training import checkpoint
-
-    step = checkpoint.resolve_step(path)
-    if verify:
-        checkpoint.verify(step)
-    cfg = C.load(str(step / "config.yaml"))
-    if cfg.run.stage not in ("calm", "ar"):
-        raise ValueError(f"{step} is a run.stage={cfg.run.stage!r} checkpoint; generation needs a calm or ar run")
-    ensure_runtime(cfg.run.seed)  # one process, TP=1 and PP=1: the whole model is built here
-    tensors, partition = _merged_weights(step, cfg.model.num_layers)
-    if cfg.run.stage == "calm":
-        from calm_megatron.models.autoencoder import build_autoencoder
-        from calm_megatron.models.calm import build_calm
-
-        ae = build_autoencoder(_autoencoder_config(cfg, tensors), precision, perform_initialization=False)
-        model = build_calm(cfg.model, ae, precision, perform_initialization=False)
+        loaded = load_hf_model(path, precision=precision)
     else:
-        from calm_megatron.models.ar import build_ar
-
-        model = build_ar(cfg.model, precision, perform_initialization=False)
-    _copy_weights(model, tensors, partition, step)
-    model = model.to(device or distributed.device()).eval()
-    tok = None
-    tok_path = tokenizer or cfg.data.tokenizer
-    if tok_path:
-        from calm_megatron.data.tokenizer import load_tokenizer
-
-        if tokenizer or Path(tok_path).exists():
-            tok = load_tokenizer(tok_path)
-    if tok is not None and tok.vocab_size != cfg.model.vocab_size:
-        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} ids but the model's vocabulary is "
-                         f"{cfg.model.vocab_size}")
-    return InferenceModel(model, cfg, cfg.run.stage, step, tok)
+        loaded = load_checkpoint_model(path, precision=precision, check_manifest=verify)
+    if loaded.kind not in ("calm", "ar"):
+        raise ValueError(f"{loaded.source} is a run.stage={loaded.kind!r} checkpoint; generation needs a calm "
+                         f"or ar run")
+    model = loaded.model.to(device or distributed.device()).eval()
+    tok_path = tokenizer or loaded.tokenizer
+    tok = load_tokenizer(tok_path) if tok_path else None
+    vocab = loaded.config.model.vocab_size
+    if tok is not None and tok.vocab_size != vocab:
+        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} ids but the model's vocabulary is {vocab}")
+    return InferenceModel(model, loaded.config, loaded.kind, loaded.source, tok)
 
 
 def generate(loaded: InferenceModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, **options):

@@ -95,12 +95,15 @@ def copy_into(model: torch.nn.Module, tensors: Iterable[Tuple[str, torch.Tensor]
         raise ValueError(f"{source}: no tensor for {len(missing)} parameters, e.g. {missing[:3]}")
 
 
-def load_checkpoint_model(path: str, precision: str = "fp32") -> LoadedModel:
-    """A step of ours (step, checkpoints or run folder; any TP/PP layout) as a TP=1 model."""
+def load_checkpoint_model(path: str, precision: str = "fp32", check_manifest: bool = True) -> LoadedModel:
+    """A step of ours (step, checkpoints or run folder; any TP/PP layout) as a TP=1 model.
+
+    ``check_manifest`` verifies the step's checksums first.
+    """
     from calm_megatron.hf.shards import CheckpointReader
 
     ensure_runtime()
-    reader = CheckpointReader(path)
+    reader = CheckpointReader(path, check_manifest=check_manifest)
     model = build_model(reader.kind, reader.model_cfg, reader.ae_cfg, precision)
     copy_into(model, ((name, reader.tensor(name)) for name in reader.params), str(reader.step))
     tokenizer = reader.cfg.data.tokenizer if reader.cfg.data.tokenizer and Path(reader.cfg.data.tokenizer).exists() else ""
