@@ -33,19 +33,19 @@ def main(argv=None) -> int:
     import torch
 
     from calm_megatron.hf import HFFormatError
-    from calm_megatron.hf.brier import held_out_blocks
+    from calm_megatron.hf.brier import held_out_blocks, held_out_data
     from calm_megatron.hf.loading import load_model
     from calm_megatron.metrics.energy_gap import ar_next_chunks, energy_gap
     from calm_megatron.training.checkpoint import CheckpointError
 
     try:
         ae_source, baseline = load_model(args.autoencoder), load_model(args.baseline)
-        if ae_source.kind not in ("ae", "calm") or baseline.kind != "ar":
-            raise ValueError(f"need an autoencoder (or CALM) and a baseline, got {ae_source.kind} and {baseline.kind}")
+        if ae_source.kind not in ("ae", "calm"):
+            raise ValueError(f"--autoencoder {args.autoencoder} is a {ae_source.kind} run: pass an ae or calm run")
+        if baseline.kind != "ar":
+            raise ValueError(f"--baseline {args.baseline} is a {baseline.kind} run: pass an ar (baseline) run")
         autoencoder = ae_source.model if ae_source.kind == "ae" else ae_source.model.autoencoder
-        data = args.data or baseline.config.data.valid
-        if not data:
-            raise ValueError(f"{args.baseline} names no data.valid: pass --data")
+        data = held_out_data(baseline, args.data)
         generator = torch.Generator().manual_seed(args.seed)
         sampler = ar_next_chunks(baseline.model.logits, autoencoder.ae_config.chunk_size, generator)
         result = energy_gap(autoencoder, held_out_blocks(data, args.batch_size, args.batches), sampler,

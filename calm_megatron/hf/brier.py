@@ -19,6 +19,17 @@ def held_out_blocks(data: str, batch_size: int, max_batches: Optional[int]):
         yield batch["tokens"]
 
 
+def held_out_data(loaded: LoadedModel, data: Optional[str] = None) -> str:
+    """``data``, else the loaded run's own ``data.valid`` (an HF folder names none)."""
+    if data:
+        return data
+    if loaded.source.joinpath("config.json").is_file():
+        raise ValueError("an HF folder names no held-out data: pass --data")
+    if not loaded.config.data.valid:
+        raise ValueError(f"{loaded.source}: the run has no data.valid: pass --data")
+    return loaded.config.data.valid
+
+
 def evaluate_brier(path: str, data: Optional[str] = None, batch_size: int = 1, max_batches: Optional[int] = None,
                    seed: int = 1234, loaded: Optional[LoadedModel] = None) -> Dict[str, float]:
     """BrierLM (x100) and Brier-1..4 of the CALM or baseline at ``path`` on held-out MDS shards ``data``.
@@ -31,14 +42,7 @@ def evaluate_brier(path: str, data: Optional[str] = None, batch_size: int = 1, m
     loaded = loaded or load_model(path)
     if loaded.kind == "ae":
         raise ValueError(f"{path} is an autoencoder: BrierLM scores language models (CALM or the baseline)")
-    if data is None:
-        from calm_megatron.hf.shards import CheckpointReader
-
-        if loaded.source.joinpath("config.json").is_file():
-            raise ValueError("an HF folder names no held-out data: pass --data")
-        data = CheckpointReader(str(loaded.source), check_manifest=False).cfg.data.valid
-        if not data:
-            raise ValueError(f"{path}: the run has no data.valid: pass --data")
+    data = held_out_data(loaded, data)
     blocks = held_out_blocks(data, batch_size, max_batches)
     with torch.random.fork_rng():
         torch.manual_seed(seed)

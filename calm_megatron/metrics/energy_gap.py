@@ -37,10 +37,10 @@ def ar_next_chunks(logits_fn: Callable[[torch.Tensor], torch.Tensor], chunk_size
     return sample
 
 
-def _posterior_draws(autoencoder, chunks: torch.Tensor, generator) -> torch.Tensor:
-    """One posterior draw per chunk ``[..., K]`` -> latents ``[..., l]``."""
+def _posterior(autoencoder, chunks: torch.Tensor):
+    """(mu, log_sigma) of chunks ``[..., K]``; log_sigma is None for a deterministic autoencoder."""
     mu, log_sigma = autoencoder.encode(chunks)
-    return draw_targets(mu, log_sigma if autoencoder.ae_config.variational else None, 1, generator)[0]
+    return mu, (log_sigma if autoencoder.ae_config.variational else None)
 
 
 @torch.no_grad()
@@ -54,13 +54,12 @@ def energy_gap(autoencoder, blocks: Iterable[torch.Tensor], reference: NextChunk
         batch, length = tokens.shape
         chunks = tokens.view(batch, length // k, k)
         for i in range(1, chunks.shape[1]):
-            mu, log_sigma = autoencoder.encode(chunks[:, i])
-            log_sigma = log_sigma if autoencoder.ae_config.variational else None
+            mu, log_sigma = _posterior(autoencoder, chunks[:, i])
             drawn = reference(tokens[:, :i * k], num_samples)  # [B, N, K]
             pick = torch.randint(0, batch * chunks.shape[1], (num_samples, batch), generator=generator)
             shuffled = chunks.reshape(-1, k)[pick]  # [N, B, K]: chunks from random positions
             for name, sample_chunks in (("reference", drawn.transpose(0, 1)), ("marginal", shuffled)):
-                z = _posterior_draws(autoencoder, sample_chunks, generator)
+                z = draw_targets(*_posterior(autoencoder, sample_chunks), 1, generator)[0]  # one draw each
                 totals[name] += float(energy_loss(z, mu, log_sigma, num_targets, generator=generator).sum())
             positions += batch
     if not positions:

@@ -113,8 +113,7 @@ class CALMStage:
         if self.cfg.model.autoencoder_checkpoint == C.RANDOM_AUTOENCODER:
             log.warning("model.autoencoder_checkpoint=%s: a RANDOM frozen autoencoder (for benchmarks; "
                         "the CALM learns nothing meaningful)", C.RANDOM_AUTOENCODER)
-            check_autoencoder_compatible(self.cfg.model, self.cfg.autoencoder)
-            return build_autoencoder(self.cfg.autoencoder, precision=self.cfg.train.precision)
+            return build_autoencoder(self.cfg.autoencoder, precision=self.cfg.train.precision)  # build_calm checks it
         ae_cfg, tensors, step = checkpoint.load_autoencoder_weights(self.cfg.model.autoencoder_checkpoint)
         check_autoencoder_compatible(self.cfg.model, ae_cfg)
         autoencoder = build_autoencoder(ae_cfg, precision=self.cfg.train.precision)
