@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -391,6 +391,12 @@ def _validate_data(cfg: Config) -> None:
                 raise ConfigError(f"data.{key}: {err}") from None
 
 
+def autoencoder_mismatches(model: ModelConfig, autoencoder: Dict[str, Any], where: str) -> List[str]:
+    """What keeps a frozen autoencoder (its config as a dict) from fitting a CALM: K, latent size, vocab."""
+    return [f"model.{key}={getattr(model, key)} but {where}{key}={autoencoder.get(key)}"
+            for key in ("chunk_size", "latent_size", "vocab_size") if getattr(model, key) != autoencoder.get(key)]
+
+
 def _validate_autoencoder_checkpoint(cfg: Config) -> None:
     """Stage 2 needs a stage-1 checkpoint whose K, latent size and vocab match the model section."""
     from calm_megatron.training.checkpoint import AE_CONFIG, CheckpointError, resolve_step
@@ -398,10 +404,9 @@ def _validate_autoencoder_checkpoint(cfg: Config) -> None:
     path = cfg.model.autoencoder_checkpoint
     _check(bool(path), "model.autoencoder_checkpoint is empty: CALM needs a stage-1 (autoencoder) run or step")
     if path == RANDOM_AUTOENCODER:
-        for key in ("chunk_size", "latent_size", "vocab_size"):
-            _check(getattr(cfg.model, key) == getattr(cfg.autoencoder, key),
-                   f"model.{key}={getattr(cfg.model, key)} but autoencoder.{key}={getattr(cfg.autoencoder, key)} "
-                   f"(model.autoencoder_checkpoint={RANDOM_AUTOENCODER} builds the autoencoder section)")
+        problems = autoencoder_mismatches(cfg.model, vars(cfg.autoencoder), "autoencoder.")
+        _check(not problems, "; ".join(problems) +
+               f" (model.autoencoder_checkpoint={RANDOM_AUTOENCODER} builds the autoencoder section)")
         return
     try:
         step = resolve_step(path)
@@ -409,10 +414,8 @@ def _validate_autoencoder_checkpoint(cfg: Config) -> None:
         raise ConfigError(f"model.autoencoder_checkpoint: {err}") from None
     meta = step / AE_CONFIG
     _check(meta.is_file(), f"model.autoencoder_checkpoint={path}: {step} holds no {AE_CONFIG} (not a stage-1 run)")
-    ae = json.loads(meta.read_text())
-    for key, ae_key in (("chunk_size", "chunk_size"), ("latent_size", "latent_size"), ("vocab_size", "vocab_size")):
-        _check(getattr(cfg.model, key) == ae[ae_key],
-               f"model.{key}={getattr(cfg.model, key)} but the autoencoder at {step} has {ae_key}={ae[ae_key]}")
+    problems = autoencoder_mismatches(cfg.model, json.loads(meta.read_text()), f"the autoencoder at {step} has ")
+    _check(not problems, "; ".join(problems))
 
 
 def validate(cfg: Config, world_size: int, check_files: bool = True) -> int:

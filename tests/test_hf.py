@@ -751,3 +751,18 @@ def test_eval_brier_scores_a_checkpoint_and_its_export_alike(tp2_run, exported, 
     assert _tool("eval_brier", "--model", str(exported["tp2"]), "--data", valid, "--batches", "1") == 0
     assert '"brierlm"' in capsys.readouterr().out
     assert hf.is_hf_folder(exported["tp2"]) and not hf.is_hf_folder(tp2_run["step"])
+
+
+def test_energy_gap_tool_takes_a_calm_checkpoint_and_an_hf_baseline(tp2_run, reference, tiny_data, tmp_path, capsys):
+    calm, llama, valid = str(tp2_run["step"]), str(reference["llama"]), str(tiny_data["lm_valid"])
+    common = ["--data", valid, "--batches", "1", "--batch-size", "2", "--samples", "2"]
+    assert _tool("energy_gap", "--autoencoder", calm, "--baseline", llama, *common) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["positions"] > 0 and result["reference_loss"] > 0 and result["marginal_loss"] > 0, result
+    assert result["gap"] == pytest.approx(1 - result["reference_loss"] / result["marginal_loss"])
+    refusals = {("--autoencoder", llama, "--baseline", llama): f"--autoencoder {llama} is a ar run",
+                ("--autoencoder", calm, "--baseline", calm): f"--baseline {calm} is a calm run",
+                ("--autoencoder", str(tmp_path / "nope"), "--baseline", llama): "nope"}
+    for argv, message in refusals.items():
+        assert _tool("energy_gap", *argv, *common) == 2, argv
+        assert message in capsys.readouterr().err, argv

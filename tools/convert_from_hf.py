@@ -35,14 +35,15 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from calm_megatron.hf import HFFormatError, import_hf
 
-    try:
+    from calm_megatron.cli import exit_status
+
+    def work() -> int:
         step = import_hf(args.hf, args.out, args.tp, args.pp, te_names=args.te_names, ae_folder=args.ae,
                          overwrite=args.overwrite, progress=not args.no_progress)
-    except (HFFormatError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {step}")
-    return 0
+        print(f"wrote {step}")
+        return 0
+
+    return exit_status(work, HFFormatError, FileExistsError, ValueError)
 
 
 if __name__ == "__main__":

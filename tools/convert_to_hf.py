@@ -38,24 +38,25 @@ def main(argv=None) -> int:
     from calm_megatron.hf import ValidationError, export_checkpoint, validate_export
     from calm_megatron.training.checkpoint import CheckpointError
 
-    try:
+    from calm_megatron.cli import exit_status
+
+    def work() -> int:
         folder = export_checkpoint(args.checkpoint, args.out, args.dtype, tokenizer=args.tokenizer,
                                    head_aliases=not args.no_head_alias,
                                    max_shard_bytes=int(args.max_shard_gb * 1024 ** 3), overwrite=args.overwrite,
                                    progress=not args.no_progress)
-    except (CheckpointError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {folder}")
-    if args.validate:
-        try:
-            results = validate_export(args.checkpoint, str(folder))
-        except ValidationError as err:
-            print(f"VALIDATION FAILED: {err}", file=sys.stderr)
-            return 1
-        print("validation passed (max |ours - hf|):")
-        print(json.dumps({k: float(f"{v:.3e}") for k, v in results.items()}, indent=1))
-    return 0
+        print(f"wrote {folder}")
+        if args.validate:
+            try:
+                results = validate_export(args.checkpoint, str(folder))
+            except ValidationError as err:
+                print(f"VALIDATION FAILED: {err}", file=sys.stderr)
+                return 1
+            print("validation passed (max |ours - hf|):")
+            print(json.dumps({k: float(f"{v:.3e}") for k, v in results.items()}, indent=1))
+        return 0
+
+    return exit_status(work, CheckpointError, FileExistsError, ValueError)
 
 
 if __name__ == "__main__":

@@ -32,13 +32,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     import torch
 
+    from calm_megatron.cli import exit_status
     from calm_megatron.hf import HFFormatError
     from calm_megatron.hf.brier import held_out_blocks, held_out_data
     from calm_megatron.hf.loading import load_model
     from calm_megatron.metrics.energy_gap import ar_next_chunks, energy_gap
     from calm_megatron.training.checkpoint import CheckpointError
 
-    try:
+    def work() -> int:
         ae_source, baseline = load_model(args.autoencoder), load_model(args.baseline)
         if ae_source.kind not in ("ae", "calm"):
             raise ValueError(f"--autoencoder {args.autoencoder} is a {ae_source.kind} run: pass an ae or calm run")
@@ -50,11 +51,11 @@ def main(argv=None) -> int:
         sampler = ar_next_chunks(baseline.model.logits, autoencoder.ae_config.chunk_size, generator)
         result = energy_gap(autoencoder, held_out_blocks(data, args.batch_size, args.batches), sampler,
                             num_samples=args.samples, generator=generator)
-    except (CheckpointError, HFFormatError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(dict(result, autoencoder=args.autoencoder, baseline=args.baseline, data=str(data)), indent=1))
-    return 0
+        print(json.dumps(dict(result, autoencoder=args.autoencoder, baseline=args.baseline, data=str(data)),
+                         indent=1))
+        return 0
+
+    return exit_status(work, CheckpointError, HFFormatError, ValueError)
 
 
 if __name__ == "__main__":

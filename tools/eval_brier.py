@@ -29,13 +29,14 @@ def main(argv=None) -> int:
     from calm_megatron.hf.brier import evaluate_brier
     from calm_megatron.training.checkpoint import CheckpointError
 
-    try:
+    from calm_megatron.cli import exit_status
+
+    def work() -> int:
         result = evaluate_brier(args.model, args.data, args.batch_size, args.batches or None, args.seed)
-    except (CheckpointError, HFFormatError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=1))
-    return 0
+        print(json.dumps(result, indent=1))
+        return 0
+
+    return exit_status(work, CheckpointError, HFFormatError, ValueError)
 
 
 if __name__ == "__main__":

@@ -86,14 +86,11 @@ def main() -> int:
     for library in ("megatron", "deepspeed", "torch"):  # their notices would bury the output and errors
         warnings.filterwarnings("ignore", module=rf"{library}(\.|$)")
     from calm_megatron import config as C
+    from calm_megatron.cli import exit_status
     from calm_megatron.training.checkpoint import CheckpointError
 
-    try:
-        texts = _check_options(args)
-        return _generate(args, texts)
-    except (ValueError, FileNotFoundError, CheckpointError, C.ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: _generate(args, _check_options(args)),
+                       ValueError, FileNotFoundError, CheckpointError, C.ConfigError)
 
 
 def _generate(args, texts) -> int:

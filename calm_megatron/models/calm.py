@@ -28,7 +28,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import init_method_normal
 from torch import nn
 
-from calm_megatron.config import AutoencoderConfig, ModelConfig, ParallelConfig
+from calm_megatron.config import AutoencoderConfig, ModelConfig, ParallelConfig, autoencoder_mismatches
 from calm_megatron.models.autoencoder import Autoencoder
 from calm_megatron.models.backbone import (
     build_backbone,
@@ -80,9 +80,7 @@ class InputCompression(nn.Module):
 
 def check_autoencoder_compatible(model_cfg: ModelConfig, ae_cfg: AutoencoderConfig) -> None:
     """Raise ValueError when the frozen autoencoder does not fit the CALM (K, latent size, vocab)."""
-    problems = [f"model.{key}={getattr(model_cfg, key)} but autoencoder.{key}={getattr(ae_cfg, key)}"
-                for key in ("chunk_size", "latent_size", "vocab_size")
-                if getattr(model_cfg, key) != getattr(ae_cfg, key)]
+    problems = autoencoder_mismatches(model_cfg, vars(ae_cfg), "autoencoder.")
     if problems:
         raise ValueError("the autoencoder does not match the CALM config: " + "; ".join(problems))
 
