@@ -176,7 +176,8 @@ class Trainer:
         if not self.cfg.data.valid:
             return {}
         if self.layout.pp > 1:  # BrierLM samples on whole models; no pipelined evaluation yet
-            log.warning("evaluation is skipped under pipeline parallelism (parallel.pp=%d)", self.layout.pp)
+            log.warning("evaluation is skipped under pipeline parallelism (parallel.pp=%d): score the saved "
+                        "checkpoints with tools/eval_brier.py (any layout, one process)", self.layout.pp)
             return {}
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
