@@ -13,8 +13,8 @@ with xxh64 hashes; calm_index.json (tokenizer, vocab size, K, block length, coun
 folder or prefix without it is never taken for a dataset.
 
 Examples:
-  tools/prepare_data.py --input data/demo/corpus/train.jsonl --tokenizer data/demo/tokenizer/spm.model \\
-      --out data/demo/shards/ae/train --packing ae --chunk-size 4 --seq-len 512
+  tools/prepare_data.py --input data/demo/corpus/train.jsonl --tokenizer data/demo/tokenizer/spm512.model \\
+      --out data/demo/shards/ae/train --packing ae --chunk-size 2 --seq-len 256
   S3_ENDPOINT_URL=http://127.0.0.1:8333 tools/prepare_data.py --input corpus/*.jsonl --tokenizer tok.json \\
       --out s3://calm/lm/train --packing lm --chunk-size 4 --seq-len 8192 --workers 16
 

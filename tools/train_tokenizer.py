@@ -2,8 +2,8 @@
 """Train a lossless sentencepiece tokenizer (byte fallback, identity normalization; ids unk 0, bos 1, eos 2,
 pad 3) on jsonl ({"text": ...} per line) or plain text files. Writes OUT_PREFIX.model and OUT_PREFIX.vocab.
 
-Example: tools/train_tokenizer.py --input data/demo/corpus/train.jsonl --out-prefix data/demo/tokenizer/spm \\
-             --vocab-size 4096
+Example: tools/train_tokenizer.py --input data/demo/corpus/train.jsonl --out-prefix data/demo/tokenizer/spm512 \\
+             --vocab-size 512
 """
 import argparse
 import sys
